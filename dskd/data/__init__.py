@@ -1,0 +1,1 @@
+"""Data: task sources, the embedded demo task, tokenization and the pseudo-target store."""
