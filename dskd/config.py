@@ -1,0 +1,299 @@
+"""The recipe schema: one validated YAML document drives every stage.
+
+Unknown or misspelled keys are errors that name the key and list the valid ones; `a.b=c` command-line
+overrides are checked against the same schema, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A recipe that cannot run: the message names the key or file and what to change."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(Strict):
+    name: str = "dskd"
+    output_dir: Path = Path("dskd-runs/default")
+    seed: int = 42
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class TrackingConfig(Strict):
+    enabled: bool = True
+    uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite:///<output_dir>/mlflow.db
+    experiment: str = "dskd"
+    register_model: str | None = None  # registry name for the exported student (issue: export)
+
+
+class SplitLimits(Strict):
+    labeled: int | None = None
+    unlabeled: int | None = None
+    dev: int | None = None
+    test: int | None = None
+
+
+class DataConfig(Strict):
+    task: Literal["docstrings"] | None = None  # embedded task: builds the split files below
+    labeled: str | None = None
+    unlabeled: str | None = None
+    dev: str | None = None
+    test: str | None = None
+    input_field: str = "input"
+    target_field: str = "target"
+    id_field: str | None = None
+    hf_config: str | None = None
+    max_input_tokens: int = Field(256, ge=4)
+    max_target_tokens: int = Field(64, ge=2)
+    causal_separator: str = "\n=> "
+    max_examples: SplitLimits = SplitLimits()
+    tokenizer_vocab_size: int = 4096  # embedded task only: size of the locally trained BPE
+
+
+class PruneConfig(Strict):
+    """Keep these layer indices of the teacher (None keeps the stack whole): the paper's decoder pruning."""
+
+    encoder_layers: list[int] | None = None
+    decoder_layers: list[int] | None = None
+
+
+class ModelConfig(Strict):
+    path: str | None = None  # local Hugging Face directory (or a hub name cached on this machine)
+    tokenizer: str | None = None  # defaults to `path`
+    init: Literal["pretrained", "config", "prune"] = "pretrained"
+    arch: Literal["auto", "seq2seq", "causal"] = "auto"
+    model_type: str | None = None  # init=config: e.g. "t5", "bart", "llama", "gpt2"
+    config: dict[str, Any] = {}  # init=config: config kwargs; pretrained: overrides (e.g. dropout_rate)
+    prune: PruneConfig | None = None
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    quantization: Literal["none", "8bit", "4bit"] = "none"
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    trust_remote_code: bool = False
+
+
+class OptimConfig(Strict):
+    lr: float = 5e-4
+    weight_decay: float = 1e-5
+    eps: float = 1e-8
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 100
+    schedule: Literal["linear", "constant"] = "linear"
+    grad_clip: float = 1.0
+
+
+class TrainConfig(Strict):
+    """What every training stage shares (teacher fine-tuning and distillation)."""
+
+    epochs: float = 1.0
+    max_steps: int | None = None
+    micro_batch_size: int = 16
+    grad_accum: int = 1
+    optim: OptimConfig = OptimConfig()
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    offload_optimizer: bool = False
+    deepspeed_config: str | None = None  # a JSON file merged under the settings above
+    log_every: int = 10
+    eval_every: int = 0  # steps; 0 = at the end of each epoch
+    eval_examples: int = 200
+    save_every: int = 0  # steps; 0 = only at the end (and on SIGUSR1/SIGTERM)
+    loss_impl: Literal["fused", "naive", "compiled"] = "fused"
+    chunk_size: int = 1024
+
+
+class TeacherConfig(ModelConfig):
+    finetune: bool = False  # `dskd teacher` trains it on the labeled set; later stages use the result
+    shard: bool = False  # ZeRO-3-partition the eval-only teacher engine across ranks
+    offload: bool = False  # ...with its parameters on CPU
+    train: TrainConfig = TrainConfig(optim=OptimConfig(lr=5e-5))
+
+
+class StudentConfig(ModelConfig):
+    name: str = "student"  # output subdirectory and MLflow run name
+
+
+class DecodingConfigModel(Strict):
+    strategy: Literal["greedy", "sampling", "beam"] = "greedy"
+    num_return_sequences: int = Field(1, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)
+    num_beams: int = Field(4, ge=1)
+    max_new_tokens: int = Field(64, ge=1)
+    batch_size: int = Field(32, ge=1)
+
+
+class GenerateConfig(Strict):
+    splits: list[Literal["labeled", "unlabeled"]] = ["labeled", "unlabeled"]
+    decoding: DecodingConfigModel = DecodingConfigModel(
+        strategy="sampling", num_return_sequences=8, top_p=0.95, temperature=1.0
+    )
+    output: Path | None = None  # default <output_dir>/pts
+
+
+class DistillConfig(TrainConfig):
+    loss: Literal["kd", "ce"] = "kd"
+    divergence: Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"] = "forward_kl"
+    temperature: float = Field(1.0, gt=0)
+    t2_scaling: bool = True
+    beta: float = Field(0.5, ge=0, le=1)
+    alpha: float = Field(0.1, ge=0, le=1)
+    ce_weight: float = 0.0  # gold/PT cross-entropy mixed into the KD loss
+    sources: list[Literal["gold", "teacher_pt"]] = ["gold", "teacher_pt"]
+    student_pt_ratio: float = Field(0.0, ge=0, le=1)  # Joint-Teaching: share of micro-batches on student samples
+    student_decoding: DecodingConfigModel = DecodingConfigModel(strategy="sampling", top_p=0.95, temperature=1.0)
+    teacher_dropout: bool = False  # noisy KD
+    final_ce_epochs: float = 0.0  # a closing phase of plain CE on gold
+
+
+class EvaluateConfig(Strict):
+    splits: list[Literal["dev", "test"]] = ["dev"]
+    students: list[str] | None = None  # student names under <output_dir>/students; default: student.name
+    include_teacher: bool = True
+    max_examples: int | None = None
+    decoding: DecodingConfigModel = DecodingConfigModel(strategy="greedy", max_new_tokens=64)
+    efficiency_batch_size: int = 16
+    efficiency_repeats: int = 3
+
+
+class Recipe(Strict):
+    run: RunConfig = RunConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    data: DataConfig = DataConfig()
+    teacher: TeacherConfig = TeacherConfig()
+    student: StudentConfig = StudentConfig()
+    generate: GenerateConfig = GenerateConfig()
+    distill: DistillConfig = DistillConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Recipe":
+        if self.teacher.shard and self.teacher.quantization != "none":
+            raise ValueError("teacher.shard and teacher.quantization exclude each other: a bitsandbytes-quantized "
+                             "teacher cannot be ZeRO-3 partitioned; pick one")
+        if self.student.init == "prune" and self.student.prune is None:
+            raise ValueError("student.init=prune needs student.prune.encoder_layers and/or decoder_layers")
+        if self.distill.student_pt_ratio > 0 and self.distill.loss != "kd":
+            raise ValueError("Joint-Teaching (distill.student_pt_ratio > 0) needs distill.loss=kd: the teacher must "
+                             "score the student's samples")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def _valid_keys(model_cls: type[BaseModel], path: tuple) -> list[str]:
+    cls: Any = model_cls
+    for part in path:
+        field = cls.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            return []
+        ann = field.annotation
+        candidates = [ann, *getattr(ann, "__args__", ())]
+        nxt = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if nxt is None:
+            return []
+        cls = nxt
+    return sorted(cls.model_fields)
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid recipe ({source}):"]
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        key = ".".join(str(p) for p in loc) or "<root>"
+        if e["type"] == "extra_forbidden":
+            valid = _valid_keys(Recipe, loc[:-1])
+            lines.append(f"  unknown key '{key}'; valid keys here: {', '.join(valid)}")
+        else:
+            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=c` -> (["a", "b"], parsed c). Values are YAML, so `x=3`, `x=true`, `x=[1,2]` get their types."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key.sub=value")
+    key, value = text.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"override {text!r} has an empty key")
+    return parts, yaml.safe_load(value) if value.strip() else ""
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    out = copy.deepcopy(data)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = out
+        for part in parts[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None, base: dict | None = None) -> Recipe:
+    """Read a YAML recipe (or start from `base`), apply overrides, validate. Errors name the key and the file."""
+    data: dict = copy.deepcopy(base) if base else {}
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"recipe file not found: {p} (pass an existing YAML file with --config)")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: not valid YAML: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: the recipe must be a YAML mapping at the top level")
+        data = deep_merge(data, loaded)
+        source = str(p)
+    if overrides:
+        data = apply_overrides(data, overrides)
+        source += " + overrides " + " ".join(overrides)
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, source)) from None
+
+
+def deep_merge(base: dict, update: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def flatten(recipe: Recipe) -> dict[str, str]:
+    """Dotted key -> string value, for MLflow params."""
+    flat: dict[str, str] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict) and node:
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            flat[prefix] = str(node)
+
+    walk("", recipe.model_dump(mode="json"))
+    return flat
+
+
+def to_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,272 @@
+"""Teacher and student models: load, build from a config, prune, check vocabularies, expose hidden states.
+
+The training loop never asks a model for logits: `HiddenStateLM` returns the final hidden states exactly as
+the model's own LM head would see them (T5's d_model^-0.5 scaling included) plus the head's weight and bias,
+and the fused KD loss does the rest.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    PreTrainedModel,
+)
+
+from dskd.config import ConfigError, ModelConfig, PruneConfig
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def detect_arch(config) -> str:
+    return "seq2seq" if getattr(config, "is_encoder_decoder", False) else "causal"
+
+
+def _auto_class(arch: str):
+    return AutoModelForSeq2SeqLM if arch == "seq2seq" else AutoModelForCausalLM
+
+
+def attention_implementation(requested: str) -> str | None:
+    """flash-attn when installed and on CUDA, sdpa otherwise: the extra is optional."""
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def check_model_source(spec: ModelConfig, role: str) -> None:
+    """Fail before anything loads when a path the recipe names does not exist."""
+    if spec.init == "config":
+        if not spec.model_type:
+            raise ConfigError(f"{role}.init=config needs {role}.model_type (e.g. t5, bart, llama, gpt2)")
+        return
+    if spec.init == "prune":
+        return
+    if not spec.path:
+        raise ConfigError(f"{role}.path is not set: give a local Hugging Face model directory")
+    p = Path(spec.path)
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise ConfigError(f"{role}.path={p} has no config.json: is it a Hugging Face model directory?")
+    elif "/" not in spec.path or spec.path.startswith((".", "/")):
+        raise ConfigError(f"{role}.path={spec.path} does not exist")
+
+
+def _quantization_config(kind: str):
+    if kind == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if kind == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+def load_model(spec: ModelConfig, path: str | None = None, vocab_size: int | None = None) -> PreTrainedModel:
+    """Build or load one model per its spec. `path` overrides spec.path (e.g. a fine-tuned teacher)."""
+    source = path or spec.path
+    dtype = DTYPES[spec.dtype]
+    attn = attention_implementation(spec.attn_implementation)
+    if spec.init == "config" and path is None:
+        kwargs = dict(spec.config)
+        if vocab_size is not None:
+            kwargs.setdefault("vocab_size", vocab_size)
+        config = AutoConfig.for_model(spec.model_type, **kwargs)
+        config._attn_implementation = attn
+        torch_model = _auto_class(detect_arch(config)).from_config(config, dtype=dtype)
+        return torch_model
+    config = AutoConfig.from_pretrained(source, trust_remote_code=spec.trust_remote_code, **spec.config)
+    kwargs = dict(
+        config=config,
+        dtype=dtype,
+        trust_remote_code=spec.trust_remote_code,
+        use_safetensors=True,
+        attn_implementation=attn,
+    )
+    quant = _quantization_config(spec.quantization)
+    if quant is not None:
+        kwargs.update(quantization_config=quant, device_map="cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return _auto_class(detect_arch(config)).from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as exc:
+        if attn == "flash_attention_2":
+            log.warning("flash-attn rejected (%s); falling back to sdpa", exc)
+            kwargs["attn_implementation"] = "sdpa"
+            return _auto_class(detect_arch(config)).from_pretrained(source, **kwargs)
+        raise
+
+
+def load_tokenizer(spec: ModelConfig, path: str | None = None):
+    source = spec.tokenizer or path or spec.path
+    if source is None:
+        raise ConfigError("no tokenizer: set the model path or its `tokenizer` key")
+    return AutoTokenizer.from_pretrained(source, trust_remote_code=spec.trust_remote_code)
+
+
+def check_tokenizers(teacher_tok, student_tok) -> None:
+    """Logits KD compares distributions token by token, so both models must share one vocabulary."""
+    tv, sv = teacher_tok.get_vocab(), student_tok.get_vocab()
+    if tv != sv:
+        only_t = sorted(set(tv) - set(sv))[:5]
+        only_s = sorted(set(sv) - set(tv))[:5]
+        moved = sorted(k for k in set(tv) & set(sv) if tv[k] != sv[k])[:5]
+        raise ConfigError(
+            "teacher and student tokenizers differ: logits KD compares the two models' next-token distributions "
+            "position by position, which needs one shared vocabulary (same tokens, same ids). "
+            f"{len(tv)} vs {len(sv)} tokens; only in teacher: {only_t}; only in student: {only_s}; "
+            f"different ids: {moved}. Use the teacher's tokenizer for the student (student.tokenizer=<teacher "
+            "path>), or distill with loss=ce on teacher PTs (sequence-level KD needs no shared vocabulary)."
+        )
+
+
+def check_vocab_rows(model: PreTrainedModel, tokenizer, role: str) -> int:
+    """The head may have padding rows beyond the tokenizer; it must not have fewer. Returns the real size."""
+    rows = model.get_output_embeddings().weight.shape[0]
+    real = len(tokenizer)
+    ds_shape = getattr(model.get_output_embeddings().weight, "ds_shape", None)
+    if ds_shape is not None:
+        rows = ds_shape[0]
+    if rows < real:
+        raise ConfigError(f"{role}: the LM head has {rows} rows but the tokenizer has {real} tokens; "
+                          "resize the model's embeddings to the tokenizer")
+    return real
+
+
+# ------------------------------------------------------------------------------------------- pruning
+
+_LAYER_PATHS = {
+    "encoder": ["encoder.block", "model.encoder.layers", "encoder.layers"],
+    "decoder": ["decoder.block", "model.decoder.layers", "decoder.layers", "model.layers", "transformer.h",
+                "gpt_neox.layers"],
+}
+# First key the config has wins (T5: num_layers / num_decoder_layers; BART: encoder_ / decoder_layers;
+# decoder-only: num_hidden_layers / n_layer). Order matters: T5 aliases num_hidden_layers to its encoder.
+_CONFIG_KEYS = {
+    ("seq2seq", "encoder"): ["encoder_layers", "num_layers"],
+    ("seq2seq", "decoder"): ["decoder_layers", "num_decoder_layers"],
+    ("causal", "decoder"): ["num_hidden_layers", "n_layer"],
+}
+
+
+def _set_layer_count(config, side: str, arch: str, count: int) -> None:
+    for key in _CONFIG_KEYS[(arch, side)]:
+        if key in config.to_dict():
+            setattr(config, key, count)
+            return
+    raise ConfigError(f"cannot find the {side} layer count in {type(config).__name__}")
+
+
+def _find_layers(model: nn.Module, side: str) -> tuple[nn.Module, str, nn.ModuleList]:
+    for dotted in _LAYER_PATHS[side]:
+        parent_path, _, attr = dotted.rpartition(".")
+        try:
+            parent = model.get_submodule(parent_path) if parent_path else model
+        except AttributeError:
+            continue
+        layers = getattr(parent, attr, None)
+        if isinstance(layers, nn.ModuleList):
+            return parent, attr, layers
+    raise ConfigError(f"cannot find the {side} layer stack of {type(model).__name__} for pruning")
+
+
+def prune_layers(teacher: PreTrainedModel, prune: PruneConfig) -> PreTrainedModel:
+    """A student that keeps the listed teacher layers (weights copied), the rest of the model intact."""
+    student = copy.deepcopy(teacher)
+    arch = detect_arch(student.config)
+    for side, keep in (("encoder", prune.encoder_layers), ("decoder", prune.decoder_layers)):
+        if keep is None:
+            continue
+        if side == "encoder" and arch != "seq2seq":
+            raise ConfigError("student.prune.encoder_layers: a decoder-only model has no encoder")
+        parent, attr, layers = _find_layers(student, side)
+        bad = [i for i in keep if not 0 <= i < len(layers)]
+        if bad or not keep or len(set(keep)) != len(keep):
+            raise ConfigError(f"student.prune.{side}_layers={keep}: need distinct indices in [0, {len(layers)})")
+        first = layers[0]
+        kept = nn.ModuleList([layers[i] for i in keep])
+        _keep_t5_relative_bias(first, kept[0])
+        for new_idx, layer in enumerate(kept):
+            _reindex(layer, new_idx)
+        setattr(parent, attr, kept)
+        _set_layer_count(student.config, side, arch, len(keep))
+    return student
+
+
+def _keep_t5_relative_bias(original_first: nn.Module, new_first: nn.Module) -> None:
+    """T5 stores the relative position bias only in block 0; a pruned stack must keep it in its new first block."""
+    try:
+        src = original_first.layer[0].SelfAttention
+        dst = new_first.layer[0].SelfAttention
+    except (AttributeError, IndexError, TypeError):
+        return
+    if getattr(src, "has_relative_attention_bias", False) and not getattr(dst, "has_relative_attention_bias", False):
+        dst.has_relative_attention_bias = True
+        dst.relative_attention_bias = copy.deepcopy(src.relative_attention_bias)
+
+
+def _reindex(layer: nn.Module, idx: int) -> None:
+    """KV caches index layers by position: renumber the kept layers."""
+    for module in layer.modules():
+        if hasattr(module, "layer_idx"):
+            module.layer_idx = idx
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------------- hidden states
+
+
+class HiddenStateLM(nn.Module):
+    """A model seen through its final hidden states and its LM head, never through full-vocabulary logits."""
+
+    def __init__(self, model: PreTrainedModel):
+        super().__init__()
+        self.model = model
+        self.arch = detect_arch(model.config)
+        if getattr(model.config, "final_logit_softcapping", None):
+            raise ConfigError(f"{type(model).__name__} soft-caps its logits; the fused KD loss does not support "
+                              "that yet (set distill.loss_impl=naive)")
+
+    def head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        head = self.model.get_output_embeddings()
+        bias = getattr(head, "bias", None)
+        final_bias = getattr(self.model, "final_logits_bias", None)  # BART-style buffer
+        if final_bias is not None:
+            bias = final_bias.reshape(-1) if bias is None else bias + final_bias.reshape(-1)
+        return head.weight, bias
+
+    def hidden_states(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.arch == "causal":
+            out = self.model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                           use_cache=False)
+            return out[0]
+        encoder_out = self.model.get_encoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        # No decoder padding mask: targets are right-padded, so a valid position never attends to padding
+        # (the decoder's causal mask), and padded positions are masked out of the loss.
+        out = self.model.get_decoder()(
+            input_ids=batch["decoder_input_ids"],
+            encoder_hidden_states=encoder_out[0],
+            encoder_attention_mask=batch["attention_mask"],
+            use_cache=False,
+        )
+        hidden = out[0]
+        if getattr(self.model.config, "scale_decoder_outputs", False):
+            hidden = hidden * (self.model.config.d_model ** -0.5)
+        return hidden
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.hidden_states(batch)
