@@ -1,0 +1,206 @@
+"""Evaluation as the paper reports it: task quality (ROUGE, SacreBLEU) and efficiency (size, latency, throughput).
+
+Quality metrics come from the reference libraries unchanged (rouge-score with stemming, F-measure x 100;
+sacrebleu's corpus BLEU) so numbers are comparable with published ones. Efficiency is measured on the
+`generate()` call itself: latency on single examples after warm-up, throughput with greedy decoding at a
+fixed batch size.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections import Counter
+from dataclasses import dataclass, replace
+from typing import Sequence
+
+import sacrebleu
+import torch
+from rouge_score import rouge_scorer
+
+from dskd.data.collate import Encoder
+from dskd.generation import DecodingConfig, decode_texts, generate_batch, generate_ids, generation_config
+from dskd.models import parameter_count
+
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
+
+
+# ------------------------------------------------------------------------------------------ quality
+
+
+def task_metrics(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """Mean ROUGE-1/2/L F-measure x 100 (stemmed) and corpus SacreBLEU."""
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
+    if not predictions:
+        raise ValueError("no predictions to score")
+    scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+    totals = dict.fromkeys(ROUGE_TYPES, 0.0)
+    for prediction, reference in zip(predictions, references):
+        scores = scorer.score(reference, prediction)
+        for kind in ROUGE_TYPES:
+            totals[kind] += scores[kind].fmeasure
+    metrics = {kind: 100.0 * total / len(predictions) for kind, total in totals.items()}
+    metrics["bleu"] = sacrebleu.corpus_bleu(list(predictions), [list(references)]).score
+    return metrics
+
+
+def most_common_target(train_targets: Sequence[str]) -> str:
+    """The single most frequent training target (the first seen wins a tie)."""
+    if not train_targets:
+        raise ValueError("no training targets to pick a constant baseline from")
+    return Counter(train_targets).most_common(1)[0][0]
+
+
+def constant_baseline(train_targets: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """Scores of predicting the most common training target everywhere: the floor a model must clear."""
+    return task_metrics([most_common_target(train_targets)] * len(references), references)
+
+
+def evaluate_generations(model, encoder: Encoder, rows, decoding: DecodingConfig, *, progress: bool = True,
+                         synced_gpus: bool = False) -> tuple[dict[str, float], list[str]]:
+    """Generate one output per row (columns input, target), score it; returns (metrics, predictions)."""
+    if decoding.num_return_sequences != 1:
+        raise ValueError("evaluation scores one output per input: set num_return_sequences=1")
+    inputs, references = _column(rows, "input"), _column(rows, "target")
+    prompts = encoder.prompt_ids_batch(inputs)
+    ids = generate_ids(model, encoder, prompts, decoding, synced_gpus=synced_gpus, seed=0, progress=progress,
+                       desc="evaluate")
+    predictions = [group[0] for group in decode_texts(encoder, ids)]
+    metrics = task_metrics(predictions, references)
+    metrics["gen_tokens_mean"] = statistics.fmean(len(group[0]) for group in ids)
+    return metrics, predictions
+
+
+def _column(rows, name: str) -> list:
+    if hasattr(rows, "column_names"):
+        if name not in rows.column_names:
+            raise ValueError(f"evaluation rows need a {name!r} column; they have {rows.column_names}")
+        return list(rows[name])
+    try:
+        return [row[name] for row in rows]
+    except KeyError as err:
+        raise ValueError(f"evaluation rows need a {name!r} field") from err
+
+
+# --------------------------------------------------------------------------------------- efficiency
+
+
+@dataclass(frozen=True)
+class EfficiencyConfig:
+    batch_size: int = 16  # throughput batch
+    warmup: int = 2  # untimed generate() calls before each measurement
+    repeats: int = 5  # timed passes over the latency examples; timed throughput batches
+    latency_examples: int = 8
+
+
+def model_bytes(model: torch.nn.Module) -> int:
+    """Parameters + buffers in bytes (ZeRO-3 partitioned parameters counted at full size)."""
+    total = sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in model.parameters())
+    return total + sum(b.numel() * b.element_size() for b in model.buffers())
+
+
+def efficiency(model, encoder: Encoder, prompts: Sequence[list[int]], decoding: DecodingConfig,
+               config: EfficiencyConfig) -> dict[str, float]:
+    """params, model_mb (MiB), generate() latency on batch 1 (decoding as given, mean/std ms) and greedy
+    throughput (examples/s at config.batch_size), as the paper measures efficiency. `prompts` are prompt ids."""
+    if not prompts:
+        raise ValueError("efficiency needs at least one prompt")
+    single = generation_config(model, encoder, replace(decoding, num_return_sequences=1))
+    greedy = generation_config(model, encoder, DecodingConfig(strategy="greedy", max_new_tokens=decoding.max_new_tokens))
+    latency_prompts = [prompts[i % len(prompts)] for i in range(config.latency_examples)]
+    was_training = model.training
+    model.eval()
+    try:
+        for i in range(config.warmup):
+            generate_batch(model, encoder, [latency_prompts[i % len(latency_prompts)]], single, synced_gpus=False,
+                            seed=0)
+        latencies, lengths = [], []
+        for _ in range(config.repeats):
+            for prompt in latency_prompts:
+                seconds, out = _timed(model, lambda: generate_batch(model, encoder, [prompt], single,
+                                                                     synced_gpus=False, seed=0))
+                latencies.append(1000.0 * seconds)
+                lengths.append(len(out[0][0]))
+
+        def batch(k: int) -> list[list[int]]:
+            return [prompts[(k * config.batch_size + j) % len(prompts)] for j in range(config.batch_size)]
+
+        for k in range(config.warmup):
+            generate_batch(model, encoder, batch(k), greedy, synced_gpus=False, seed=None)
+        elapsed = 0.0
+        for k in range(config.repeats):
+            prompts_k = batch(config.warmup + k)
+            elapsed += _timed(model, lambda: generate_batch(model, encoder, prompts_k, greedy, synced_gpus=False,
+                                                            seed=None))[0]
+    finally:
+        model.train(was_training)
+    return {
+        "params": float(parameter_count(model)),
+        "model_mb": model_bytes(model) / 2**20,
+        "latency_ms_mean": statistics.fmean(latencies),
+        "latency_ms_std": statistics.pstdev(latencies),
+        "latency_gen_tokens_mean": statistics.fmean(lengths),
+        "throughput_ex_per_s": config.repeats * config.batch_size / elapsed,
+    }
+
+
+def _timed(model, call):
+    synchronize = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
+    synchronize()
+    start = time.perf_counter()
+    result = call()
+    synchronize()
+    return time.perf_counter() - start, result
+
+
+# ------------------------------------------------------------------------------------------ reports
+
+COLUMNS = (  # header, key, format
+    ("ROUGE-1", "rouge1", "{:.2f}"),
+    ("ROUGE-2", "rouge2", "{:.2f}"),
+    ("ROUGE-L", "rougeL", "{:.2f}"),
+    ("BLEU", "bleu", "{:.2f}"),
+    ("params", "params", None),
+    ("MB", "model_mb", "{:.1f}"),
+    ("latency ms", "latency_ms_mean", None),
+    ("ex/s", "throughput_ex_per_s", "{:.1f}"),
+)
+
+
+def _cell(metrics: dict[str, float], key: str, fmt: str | None) -> str:
+    value = metrics.get(key)
+    if value is None:
+        return "-"
+    if key == "params":
+        return f"{value / 1e6:.2f}M" if value >= 1e5 else f"{int(value)}"
+    if key == "latency_ms_mean":
+        std = metrics.get("latency_ms_std")
+        return f"{value:.1f}" + (f" ± {std:.1f}" if std is not None else "")
+    return fmt.format(value)
+
+
+def comparison_table(results: dict[str, dict[str, float]]) -> str:
+    """Models as rows, quality and efficiency as columns, fixed width; '-' where a value was not measured."""
+    header = ["model"] + [title for title, _, _ in COLUMNS]
+    body = [[name] + [_cell(metrics, key, fmt) for _, key, fmt in COLUMNS] for name, metrics in results.items()]
+    widths = [max(len(row[i]) for row in [header] + body) for i in range(len(header))]
+
+    def line(row: list[str]) -> str:
+        return "  ".join([row[0].ljust(widths[0])] + [cell.rjust(w) for cell, w in zip(row[1:], widths[1:])])
+
+    rule = "-" * len(line(header))
+    return "\n".join([line(header), rule] + [line(row) for row in body])
+
+
+def samples_table(inputs: Sequence[str], references: Sequence[str], predictions_by_model: dict[str, Sequence[str]],
+                  n: int = 20) -> list[dict]:
+    """The first n examples side by side (input, reference, one column per model), for mlflow.log_table."""
+    for name, predictions in predictions_by_model.items():
+        if len(predictions) != len(inputs):
+            raise ValueError(f"{name}: {len(predictions)} predictions for {len(inputs)} inputs")
+    if len(references) != len(inputs):
+        raise ValueError(f"{len(references)} references for {len(inputs)} inputs")
+    return [{"input": inputs[i], "reference": references[i], **{name: preds[i] for name, preds in
+                                                                 predictions_by_model.items()}}
+            for i in range(min(n, len(inputs)))]

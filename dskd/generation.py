@@ -1,0 +1,297 @@
+"""Generation for every stage: teacher pseudo-targets (PTs), Joint-Teaching student samples, evaluation outputs.
+
+All three go through one batch routine so that a PT, a student sample and an evaluation prediction are cut
+and ended identically (`Encoder.finish_target`: at the first EOS, at most `max_target_tokens`, EOS last) and
+can be fed straight back to `collate_training`.
+
+The decoding is fully described by `DecodingConfig`: the knobs a model's own `generation_config` could add
+on top (repetition penalties, n-gram blocking, length penalty, minimum length) are set to neutral values, so
+the config recorded beside a PT store is the whole story.
+
+Reproducibility: sampling is seeded per batch from (seed, global batch index) inside a forked RNG, so a
+resumed PT run regenerates exactly the PTs an uninterrupted run would have produced for the same batch, and
+the caller's RNG stream (e.g. the training loop's) is left untouched.
+
+ZeRO-3 with several ranks: every rank must call `generate()` the same number of times (parameters are
+gathered collectively per forward). With `synced_gpus=True` the ranks agree on the batch count and the ones
+with fewer batches run dummy batches whose outputs are dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from dataclasses import asdict, dataclass, replace
+from typing import TYPE_CHECKING, Iterator, Literal, Sequence
+
+import torch
+from tqdm.auto import tqdm
+from transformers import GenerationConfig
+
+from dskd.data.collate import Encoder, collate_prompts
+
+if TYPE_CHECKING:
+    import datasets
+
+    from dskd.data.pt_store import PTStore
+
+
+@dataclass(frozen=True)
+class DecodingConfig:
+    """How to decode. `batch_size` counts prompts; a batch holds batch_size x num_return_sequences sequences."""
+
+    strategy: Literal["greedy", "sampling", "beam"] = "greedy"
+    num_return_sequences: int = 1  # K pseudo-targets per input
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = no top-k filtering
+    num_beams: int = 4
+    max_new_tokens: int = 64
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.strategy not in ("greedy", "sampling", "beam"):
+            problems.append(f"strategy={self.strategy!r} is not one of greedy, sampling, beam")
+        if self.num_return_sequences < 1:
+            problems.append("num_return_sequences must be >= 1")
+        if self.strategy == "greedy" and self.num_return_sequences > 1:
+            problems.append("greedy decoding returns one sequence per input: use strategy=sampling or beam for "
+                            f"num_return_sequences={self.num_return_sequences}")
+        if self.strategy == "beam" and self.num_return_sequences > self.num_beams:
+            problems.append(f"beam search returns at most num_beams={self.num_beams} sequences, "
+                            f"not num_return_sequences={self.num_return_sequences}")
+        if self.temperature <= 0:
+            problems.append("temperature must be > 0")
+        if not 0 < self.top_p <= 1:
+            problems.append("top_p must be in (0, 1]")
+        if self.top_k < 0:
+            problems.append("top_k must be >= 0 (0 disables it)")
+        if self.num_beams < 1 or self.max_new_tokens < 1 or self.batch_size < 1:
+            problems.append("num_beams, max_new_tokens and batch_size must be >= 1")
+        if problems:
+            raise ValueError("invalid decoding config: " + "; ".join(problems))
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+# ------------------------------------------------------------------------------------------ one batch
+
+
+def generation_config(model, encoder: Encoder, decoding: DecodingConfig) -> GenerationConfig:
+    """A complete GenerationConfig for `decoding`, so model-specific defaults cannot change the outputs."""
+    tokenizer = encoder.tokenizer
+    pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    settings = {
+        # The last of max_target_tokens slots is EOS: longer outputs would be cut anyway, and beams that differ
+        # only beyond the cut would turn into duplicate PTs.
+        "max_new_tokens": min(decoding.max_new_tokens, encoder.formatting.max_target_tokens - 1),
+        "num_return_sequences": decoding.num_return_sequences,
+        "pad_token_id": pad_id,
+        "eos_token_id": eos_id,
+        "min_length": 0,
+        "repetition_penalty": 1.0,
+        "encoder_repetition_penalty": 1.0,
+        "no_repeat_ngram_size": 0,
+        "encoder_no_repeat_ngram_size": 0,
+        "length_penalty": 1.0,
+        "typical_p": 1.0,
+        "use_cache": True,
+    }
+    if pad_id != eos_id:
+        # A padding token inside a target would be trained on as text; a tuned model never wants it there.
+        settings["suppress_tokens"] = [pad_id]
+    if encoder.formatting.arch == "seq2seq":
+        start = model.generation_config.decoder_start_token_id
+        settings["decoder_start_token_id"] = start if start is not None else model.config.decoder_start_token_id
+    if decoding.strategy == "sampling":
+        settings.update(do_sample=True, num_beams=1, temperature=decoding.temperature, top_p=decoding.top_p,
+                        top_k=decoding.top_k)
+    elif decoding.strategy == "beam":
+        settings.update(do_sample=False, num_beams=decoding.num_beams, early_stopping=False)
+    else:
+        settings.update(do_sample=False, num_beams=1)
+    return GenerationConfig(**settings)
+
+
+def batch_seed(seed: int, batch_index: int) -> int:
+    """A well-mixed 63-bit seed per (seed, batch) so neighbouring batches get unrelated random streams."""
+    digest = hashlib.sha256(f"dskd-generation:{seed}:{batch_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") & ((1 << 63) - 1)
+
+
+def cut_generated(sequences: torch.Tensor, prompt_width: int, encoder: Encoder, per_prompt: int) -> list[list[list[int]]]:
+    """Strip the prompt (causal) or the decoder start token (seq2seq), cut at EOS, group K per prompt.
+
+    An output that never produced EOS ran into the length limit: it is counted in `encoder.truncated.targets`.
+    """
+    skip = 1 if encoder.formatting.arch == "seq2seq" else prompt_width
+    eos, room = encoder.tokenizer.eos_token_id, encoder.formatting.max_target_tokens - 1
+    rows = []
+    for row in sequences[:, skip:].tolist():
+        if eos not in row:
+            encoder.truncated.targets += 1
+            row = row[:room]
+        rows.append(encoder.finish_target(row))
+    return [rows[i: i + per_prompt] for i in range(0, len(rows), per_prompt)]
+
+
+@torch.no_grad()
+def generate_batch(model, encoder: Encoder, prompts: Sequence[list[int]], config: GenerationConfig, *,
+                   synced_gpus: bool, seed: int | None) -> list[list[list[int]]]:
+    """One generate() call on `prompts` (token ids) -> per prompt, K finished target id lists."""
+    device = model.device
+    batch = collate_prompts(prompts, encoder.formatting.arch, encoder.tokenizer.pad_token_id)
+    batch = {k: v.to(device) for k, v in batch.items()}
+    on_cpu = device.type == "cpu"
+    with torch.random.fork_rng(devices=[] if on_cpu else [device], enabled=seed is not None,
+                               device_type=None if on_cpu else device.type):
+        if seed is not None:
+            torch.manual_seed(seed)
+        sequences = model.generate(**batch, generation_config=config, synced_gpus=synced_gpus)
+    return cut_generated(sequences.cpu(), batch["input_ids"].shape[1], encoder, config.num_return_sequences)
+
+
+def _agreed_batch_count(local: int, synced_gpus: bool) -> int:
+    """Under synced_gpus every rank must run as many generate() calls as the busiest one."""
+    if not (synced_gpus and torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return local
+    count = torch.tensor([local], dtype=torch.long)
+    if torch.distributed.get_backend() == "nccl":
+        count = count.cuda()
+    torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
+    return int(count.item())
+
+
+def _chunks(items: Sequence, size: int) -> Iterator[Sequence]:
+    for start in range(0, len(items), size):
+        yield items[start: start + size]
+
+
+# ------------------------------------------------------------------------------------------ public API
+
+
+def generate_ids(model, encoder: Encoder, prompts: Sequence[list[int]], decoding: DecodingConfig, *,
+                 synced_gpus: bool = False, seed: int | None = None, progress: bool = False,
+                 desc: str = "") -> list[list[list[int]]]:
+    """Per prompt, K target id lists (each ending in EOS). Sampling is seeded per batch when `seed` is given."""
+    config = generation_config(model, encoder, decoding)
+    batches = list(_chunks(prompts, decoding.batch_size))
+    total = _agreed_batch_count(len(batches), synced_gpus)
+    dummy = [encoder.prompt_ids("")]
+    was_training = model.training
+    model.eval()
+    outputs: list[list[list[int]]] = []
+    try:
+        with tqdm(total=len(prompts), desc=desc or "generate", unit="ex", disable=not progress) as bar:
+            for index in range(total):
+                real = index < len(batches)
+                result = generate_batch(model, encoder, batches[index] if real else dummy, config,
+                                         synced_gpus=synced_gpus,
+                                         seed=None if seed is None else batch_seed(seed, index))
+                if real:
+                    outputs.extend(result)
+                    bar.update(len(result))
+    finally:
+        model.train(was_training)
+    return outputs
+
+
+def decode_texts(encoder: Encoder, ids_per_prompt: Sequence[Sequence[Sequence[int]]]) -> list[list[str]]:
+    """Token ids -> text, special tokens dropped, surrounding whitespace stripped."""
+    decode = encoder.tokenizer.batch_decode
+    return [[text.strip() for text in decode(list(group), skip_special_tokens=True)] for group in ids_per_prompt]
+
+
+def sample_student_targets(model, encoder: Encoder, prompts: Sequence[list[int]], decoding: DecodingConfig, *,
+                           synced_gpus: bool = False) -> list[list[int]]:
+    """Joint-Teaching: one target per prompt from the current student (no grad; its train/eval mode restored).
+
+    Draws from the global RNG on purpose: the training loop checkpoints that state, so a resumed run samples
+    the same student targets.
+    """
+    one_each = replace(decoding, num_return_sequences=1, batch_size=max(decoding.batch_size, len(prompts)))
+    return [group[0] for group in generate_ids(model, encoder, prompts, one_each, synced_gpus=synced_gpus)]
+
+
+def generate_pseudo_targets(model, encoder: Encoder, rows: "datasets.Dataset", decoding: DecodingConfig,
+                            store: "PTStore", *, rank: int = 0, world_size: int = 1, synced_gpus: bool = False,
+                            seed: int = 0, progress: bool = True) -> None:
+    """Write K PTs per row into `store`, one shard per batch, skipping ids a previous run completed.
+
+    Batches are fixed over the whole of `rows` (global batch b = rows[b*B:(b+1)*B], owned by rank b % world_size)
+    so the batch composition and seed of every PT never depend on where an earlier run stopped or on how many
+    ranks it had. With world_size > 1 under torch.distributed, rank 0 merges the shards once all ranks are done;
+    without torch.distributed (e.g. a job array) call `store.merge()` after the last task.
+    """
+    _check_store_matches(store, decoding, seed)
+    missing = {"id", "input", "split"} - set(rows.column_names)
+    if missing:
+        raise ValueError(f"PT generation needs columns id, input, split; the rows lack {sorted(missing)}")
+    ids, inputs, splits = rows["id"], rows["input"], rows["split"]
+    dupes = [example_id for example_id, count in Counter(ids).items() if count > 1]
+    if dupes:
+        raise ValueError(f"row ids must be unique for the PT store; {len(dupes)} repeat, e.g. {sorted(dupes)[:5]}")
+
+    done = store.completed_ids()
+    size = decoding.batch_size
+    owned = range(rank, -(-len(ids) // size), world_size)
+    pending = [b for b in owned if any(i not in done for i in ids[b * size:(b + 1) * size])]
+    config = generation_config(model, encoder, decoding)
+    total = _agreed_batch_count(len(pending), synced_gpus)
+    dummy = [encoder.prompt_ids("")]
+    show = progress and rank == 0
+    was_training = model.training
+    model.eval()
+    try:
+        with tqdm(total=sum(len(ids[b * size:(b + 1) * size]) for b in pending), desc=f"PTs rank {rank}",
+                  unit="ex", disable=not show) as bar:
+            for step in range(total):
+                if step >= len(pending):
+                    generate_batch(model, encoder, dummy, config, synced_gpus=synced_gpus, seed=None)
+                    continue
+                b = pending[step]
+                span = range(b * size, min((b + 1) * size, len(ids)))
+                prompts = encoder.prompt_ids_batch([inputs[i] for i in span])
+                pt_ids = generate_batch(model, encoder, prompts, config, synced_gpus=synced_gpus,
+                                         seed=batch_seed(seed, b))
+                texts = decode_texts(encoder, pt_ids)
+                new_rows = [{"id": ids[i], "split": splits[i], "input": inputs[i], "pts": texts[j], "pt_ids": pt_ids[j]}
+                            for j, i in enumerate(span) if ids[i] not in done]
+                if new_rows:
+                    store.write_shard(rank, new_rows)
+                bar.update(len(span))
+    finally:
+        model.train(was_training)
+    _merge_when_all_done(store, rank, world_size, ids)
+
+
+def pt_store_meta(decoding: DecodingConfig, *, seed: int, teacher: dict, data_fingerprint: str) -> dict:
+    """The meta.json a PT store records: what makes two runs' PTs interchangeable, plus readable context.
+
+    `teacher` holds at least {"fingerprint": weights_fingerprint(...)} and usually {"path": ...}.
+    """
+    return {"decoding": decoding.as_dict(), "seed": seed, "teacher": dict(teacher),
+            "data_fingerprint": data_fingerprint, "num_return_sequences": decoding.num_return_sequences}
+
+
+def _check_store_matches(store: "PTStore", decoding: DecodingConfig, seed: int) -> None:
+    meta = store.read_meta()
+    if meta.get("decoding") != decoding.as_dict() or meta.get("seed") != seed:
+        raise ValueError(
+            f"{store.meta_path}: the store was opened for decoding={meta.get('decoding')} seed={meta.get('seed')}, "
+            f"but generation was asked for decoding={decoding.as_dict()} seed={seed}; write the store's meta with "
+            "pt_store_meta() for this decoding, or use a new PT directory")
+
+
+def _merge_when_all_done(store: "PTStore", rank: int, world_size: int, ids: Sequence[str]) -> None:
+    distributed = world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+    if world_size > 1 and not distributed:
+        return  # independent tasks: whoever runs last calls store.merge()
+    if distributed:
+        torch.distributed.barrier()
+    if rank == 0:
+        store.merge(expected_ids=ids)
+    if distributed:
+        torch.distributed.barrier()
