@@ -99,7 +99,7 @@ class TrainConfig(Strict):
     micro_batch_size: int = 16
     grad_accum: int = 1
     optim: OptimConfig = OptimConfig()
-    zero_stage: Literal[0, 1, 2, 3] = 0
+    zero_stage: Literal[0, 1, 2, 3] | None = None  # None: the deepspeed_config file's stage, else 0
     offload_optimizer: bool = False
     deepspeed_config: str | None = None  # a JSON file merged under the settings above
     log_every: int = 10

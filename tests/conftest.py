@@ -54,3 +54,66 @@ def tiny_config_kwargs(model_type: str, vocab_size: int, layers: int = 2) -> dic
         return {**common, "n_embd": 32, "n_layer": layers, "n_head": 2, "n_positions": 256,
                 "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
     raise ValueError(model_type)
+
+
+VERBS = ["get", "set", "read", "write", "parse", "load", "save", "close", "open", "check", "build", "clear"]
+NOUNS = ["name", "file", "path", "value", "token", "header", "buffer", "socket", "config", "cache", "record", "list"]
+
+
+def tiny_pairs(n: int, offset: int = 0) -> list[dict]:
+    """A small but learnable docstring-like task: the target is predictable from the function name."""
+    rows = []
+    for i in range(offset, offset + n):
+        verb, noun = VERBS[i % len(VERBS)], NOUNS[(i * 7 + i // len(VERBS)) % len(NOUNS)]
+        rows.append({"id": f"f{i}", "input": f"def {verb}_{noun}(self, x):\n    return self.{noun}",
+                     "target": f"{verb.capitalize()} the {noun}."})
+    return rows
+
+
+@pytest.fixture(scope="session")
+def tiny_task(tmp_path_factory, tiny_tokenizer):
+    """JSONL splits (labeled 48, unlabeled 32 inputs, dev/test 12) and a tokenizer directory."""
+    import json
+
+    root = tmp_path_factory.mktemp("task")
+
+    def write(name, rows, with_target=True):
+        with open(root / f"{name}.jsonl", "w") as fh:
+            for r in rows:
+                fh.write(json.dumps(r if with_target else {"id": r["id"], "input": r["input"]}) + "\n")
+
+    write("labeled", tiny_pairs(48))
+    write("unlabeled", tiny_pairs(32, offset=100), with_target=False)
+    write("dev", tiny_pairs(12, offset=200))
+    write("test", tiny_pairs(12, offset=300))
+    tok_dir = root / "tokenizer"
+    tiny_tokenizer.save_pretrained(tok_dir)
+    return root
+
+
+def tiny_recipe(task_dir, out_dir, family: str = "t5", **sections) -> dict:
+    """A complete recipe dict for a tiny teacher/student pair on `tiny_task` (override sections by kwargs)."""
+    tok = str(task_dir / "tokenizer")
+    teacher_cfg = {k: v for k, v in tiny_config_kwargs(family, 300, layers=2).items() if k != "vocab_size"}
+    recipe = {
+        "run": {"name": "tiny", "output_dir": str(out_dir), "seed": 7},
+        "tracking": {"experiment": "tests"},
+        "data": {"labeled": str(task_dir / "labeled.jsonl"), "unlabeled": str(task_dir / "unlabeled.jsonl"),
+                 "dev": str(task_dir / "dev.jsonl"), "test": str(task_dir / "test.jsonl"),
+                 "max_input_tokens": 32, "max_target_tokens": 12},
+        "teacher": {"init": "config", "model_type": family, "config": teacher_cfg, "tokenizer": tok,
+                    "finetune": True, "attn_implementation": "eager",
+                    "train": {"epochs": 2, "micro_batch_size": 8, "optim": {"lr": 3e-3, "warmup_steps": 2},
+                              "log_every": 1, "eval_examples": 8}},
+        "student": {"init": "prune", "prune": {"decoder_layers": [0]}, "tokenizer": tok, "attn_implementation": "eager"},
+        "generate": {"decoding": {"strategy": "sampling", "num_return_sequences": 2, "top_p": 0.95,
+                                  "max_new_tokens": 12, "batch_size": 16}},
+        "distill": {"epochs": 1, "micro_batch_size": 8, "grad_accum": 2, "student_pt_ratio": 0.5,
+                    "optim": {"lr": 1e-3, "warmup_steps": 1}, "log_every": 1, "eval_examples": 8,
+                    "student_decoding": {"strategy": "sampling", "top_p": 0.95, "max_new_tokens": 12}},
+        "evaluate": {"max_examples": 8, "efficiency_batch_size": 4, "efficiency_repeats": 1,
+                     "decoding": {"max_new_tokens": 12}},
+    }
+    for key, value in sections.items():
+        recipe[key] = {**recipe.get(key, {}), **value}
+    return recipe

@@ -60,19 +60,31 @@ class Encoder:
 
     def prompt_ids(self, text: str) -> list[int]:
         """Model input for one example: the source (truncated), then EOS (seq2seq) or the separator (causal)."""
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.prompt_ids_batch([text])[0]
+
+    def prompt_ids_batch(self, texts: Sequence[str]) -> list[list[int]]:
         tail = [self.tokenizer.eos_token_id] if self.formatting.arch == "seq2seq" else self._separator
         bos = self._causal_bos()
         room = self.formatting.max_input_tokens - len(tail) - len(bos)
-        if len(ids) > room:
-            self.truncated.inputs += 1
-            ids = ids[:room]
-        return bos + ids + tail
+        out = []
+        for ids in self._tokenize(texts):
+            if len(ids) > room:
+                self.truncated.inputs += 1
+                ids = ids[:room]
+            out.append(bos + ids + tail)
+        return out
 
     def target_ids(self, text: str) -> list[int]:
         """Target tokens ending with EOS, truncated to max_target_tokens (EOS kept)."""
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return self.finish_target(ids)
+        return self.target_ids_batch([text])[0]
+
+    def target_ids_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [self.finish_target(ids) for ids in self._tokenize(texts)]
+
+    def _tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        if not texts:
+            return []
+        return self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
 
     def finish_target(self, ids: Sequence[int]) -> list[int]:
         """Cut generated or tokenized ids at the first EOS/limit and end them with EOS."""

@@ -1,0 +1,141 @@
+"""`dskd <stage>`: one entry point for every stage; also `python -m dskd` and `deepspeed --module dskd`.
+
+    dskd teacher  --config RECIPE [key.sub=value ...]   fine-tune the teacher on the labeled set
+    dskd generate --config RECIPE [...]                 teacher pseudo-targets (K per input), resumable
+    dskd distill  --config RECIPE [--resume auto]       train the student
+    dskd evaluate --config RECIPE [...]                 ROUGE/BLEU + efficiency, teacher vs students
+    dskd demo [--quick]                                 all of the above on the embedded docstring task
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+
+STAGES = ("teacher", "generate", "distill", "evaluate", "demo")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dskd", description="Knowledge distillation for text generation "
+                                     "(logits KD, pseudo-targets, Joint-Teaching) on DeepSpeed.")
+    sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    helps = {"teacher": "fine-tune the teacher on the labeled set",
+             "generate": "generate teacher pseudo-targets for labeled and unlabeled inputs",
+             "distill": "distill the student (objective from the recipe)",
+             "evaluate": "task metrics and efficiency of teacher and students",
+             "demo": "the whole pipeline on the embedded docstring-generation task"}
+    for stage in STAGES:
+        p = sub.add_parser(stage, help=helps[stage], description=helps[stage])
+        if stage == "demo":
+            p.add_argument("--quick", action="store_true", help="a tiny version that finishes in ~3 minutes")
+            p.add_argument("--config", help="a recipe to use instead of the built-in demo recipe")
+            p.add_argument("--print-recipe", action="store_true", help="print the demo recipe and exit")
+        else:
+            p.add_argument("--config", required=True, help="YAML recipe (see configs/)")
+        p.add_argument("--output-dir", help="overrides run.output_dir")
+        if stage in ("teacher", "distill", "demo"):
+            p.add_argument("--force", action="store_true", help="retrain even if a finished result matches")
+        if stage in ("teacher", "distill"):
+            p.add_argument("--resume", choices=["auto", "never"], default="never",
+                           help="auto: continue from the latest complete checkpoint in the output dir")
+        p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+        p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="recipe overrides")
+    return parser
+
+
+def _quiet_libraries(rank: int) -> None:
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _cuda() else "cuda")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
+    logging.basicConfig(level=logging.WARNING if rank == 0 else logging.ERROR,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in ("DeepSpeed", "deepspeed", "transformers", "datasets", "mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING if rank == 0 else logging.ERROR)
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    _quiet_libraries(rank)
+
+    from dskd.config import ConfigError, load_recipe
+    from dskd.distill import PREEMPTED_EXIT_CODE, Preempted, TrainingDiverged
+
+    overrides = list(args.overrides)
+    if args.output_dir:
+        overrides.append(f"run.output_dir={args.output_dir}")
+    try:
+        if args.stage == "demo":
+            from dskd.pipeline import demo_recipe, run_demo
+
+            recipe = load_recipe(args.config, overrides) if args.config else demo_recipe(args.quick, overrides)
+            if args.print_recipe:
+                from dskd.config import to_yaml
+
+                print(to_yaml(recipe))
+                return 0
+            if args.force:
+                _clear_stage_markers(recipe)
+            run_demo(recipe)
+        else:
+            recipe = load_recipe(args.config, overrides)
+            if args.stage in ("teacher", "distill"):
+                from dskd.distill import train_stage
+
+                result = train_stage(recipe, args.stage, resume=args.resume == "auto", force=args.force)
+                if rank == 0 and not result.skipped:
+                    print(f"[dskd] {args.stage}: {result.steps} steps; model in {result.model_dir}")
+            elif args.stage == "generate":
+                from dskd.pipeline import run_generate
+
+                run_generate(recipe)
+            else:
+                from dskd.pipeline import run_evaluate
+
+                run_evaluate(recipe)
+    except ConfigError as exc:
+        print(f"dskd: error: {exc}", file=sys.stderr)
+        return 2
+    except Preempted as exc:
+        print(f"dskd: {exc}", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
+    except TrainingDiverged as exc:
+        print(f"dskd: error: {exc}", file=sys.stderr)
+        return 3
+    finally:
+        from dskd.engines import shutdown_distributed
+
+        try:
+            shutdown_distributed()
+        except Exception:  # a broken group at exit must not mask the real error
+            pass
+    return 0
+
+
+def _clear_stage_markers(recipe) -> None:
+    from pathlib import Path
+
+    for marker in Path(recipe.run.output_dir).glob("**/DONE.json"):
+        marker.unlink()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""DeepSpeed plumbing: process group, the student's training engine, the teacher's eval-only engine.
+
+Teacher and student share one process: the student engine owns an optimizer (ZeRO 0-3); the teacher engine
+has none, so DeepSpeed treats it as inference-only and, with ZeRO-3, keeps its parameters partitioned across
+ranks (optionally offloaded to CPU) and gathers them layer by layer during forward.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+
+from dskd.config import ConfigError, TeacherConfig, TrainConfig
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env_from_slurm() -> None:
+    """Under `srun` each task is one rank: map Slurm's variables to the ones torch.distributed reads."""
+    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ or "SLURM_NTASKS" not in os.environ:
+        return
+    os.environ["RANK"] = os.environ["SLURM_PROCID"]
+    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+
+
+def init_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> DistInfo:
+    """Join (or create, for a plain single process) the process group DeepSpeed expects."""
+    import deepspeed
+    import torch.distributed as dist
+
+    _env_from_slurm()
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("run.device=cuda but no CUDA device is visible")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", auto_mpi_discovery=False,
+                                   timeout=timedelta(minutes=timeout_minutes))
+    dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev)
+
+
+def shutdown_distributed() -> None:
+    """A barrier before destroying the group: without it a 2-rank gloo run sometimes aborts at exit."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def bf16_supported(device: torch.device) -> bool:
+    return device.type == "cpu" or torch.cuda.is_bf16_supported()
+
+
+def student_ds_config(train: TrainConfig, world_size: int, dtype: str) -> dict:
+    """The recipe's settings over an optional user JSON: batch sizes must match what the loop feeds."""
+    base: dict = {}
+    if train.deepspeed_config:
+        path = Path(train.deepspeed_config)
+        if not path.is_file():
+            raise ConfigError(f"deepspeed_config file not found: {path}")
+        try:
+            base = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}:{exc.lineno}: not valid JSON: {exc.msg}") from None
+    zero = dict(base.get("zero_optimization", {}))
+    zero["stage"] = train.zero_stage if train.zero_stage is not None else zero.get("stage", 0)
+    if train.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    config = {
+        **base,
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": train.grad_accum,
+        "train_batch_size": train.micro_batch_size * train.grad_accum * world_size,
+        "gradient_clipping": train.optim.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": dtype == "bf16"},
+        "fp16": {"enabled": dtype == "fp16"},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if train.offload_optimizer:
+        o = train.optim
+        config["optimizer"] = {"type": "AdamW", "params": {"lr": o.lr, "betas": list(o.betas), "eps": o.eps,
+                                                           "weight_decay": o.weight_decay}}
+    return config
+
+
+def teacher_ds_config(teacher: TeacherConfig, micro_batch_size: int) -> dict:
+    zero: dict = {"stage": 3 if teacher.shard else 0}
+    if teacher.shard and teacher.offload:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "zero_optimization": zero,
+        "bf16": {"enabled": teacher.dtype == "bf16"},
+        "fp16": {"enabled": teacher.dtype == "fp16"},
+        "steps_per_print": 10**9,
+    }
+
+
+def lr_lambda(warmup: int, total: int, schedule: str):
+    def fn(step: int) -> float:
+        if warmup > 0 and step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return fn
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases and norms, as the paper's AdamW runs (and most recipes) do."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def create_student_engine(module: torch.nn.Module, train: TrainConfig, total_steps: int, dist: DistInfo, dtype: str):
+    import deepspeed
+
+    config = student_ds_config(train, dist.world_size, dtype)
+    o = train.optim
+    optimizer = None
+    if not train.offload_optimizer:
+        optimizer = torch.optim.AdamW(_param_groups(module, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps)
+    schedule = lr_lambda(o.warmup_steps, total_steps, o.schedule)
+    engine, _, _, _ = deepspeed.initialize(
+        model=module,
+        optimizer=optimizer,
+        model_parameters=None if optimizer is not None else _param_groups(module, o.weight_decay),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+        config=config,
+    )
+    return engine
+
+
+def create_teacher_engine(module: torch.nn.Module, teacher: TeacherConfig, micro_batch_size: int, dist: DistInfo):
+    """Eval-only: no optimizer. A bitsandbytes-quantized teacher stays a plain module (it cannot be partitioned)."""
+    for p in module.parameters():
+        p.requires_grad_(False)
+    if teacher.quantization != "none":
+        return module.eval()
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(model=module, config=teacher_ds_config(teacher, micro_batch_size))
+    engine.eval()
+    return engine
+
+
+def steps_per_epoch(num_examples: int, micro_batch_size: int, grad_accum: int, world_size: int) -> int:
+    micro = math.ceil(num_examples / (micro_batch_size * world_size))
+    return max(1, math.ceil(micro / grad_accum))

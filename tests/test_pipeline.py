@@ -1,0 +1,74 @@
+"""End to end: teacher -> generate -> distill (Joint-Teaching) -> evaluate, read back from MLflow."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import pytest
+
+from dskd.config import load_recipe
+from dskd.data.pt_store import PTStore
+from dskd.distill import train_stage
+from dskd.pipeline import run_evaluate, run_generate
+from tests.conftest import tiny_recipe
+
+
+def _runs(out_dir):
+    client = mlflow.MlflowClient(f"sqlite:///{out_dir / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("tests")
+    runs = client.search_runs([exp.experiment_id])
+    return client, {r.info.run_name: r for r in runs}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["t5", "llama"])
+def test_pipeline_end_to_end_with_joint_teaching(family, tiny_task, tmp_path):
+    out = tmp_path / family
+    recipe = load_recipe(base=tiny_recipe(tiny_task, out, family))
+
+    teacher = train_stage(recipe, "teacher")
+    assert (teacher.model_dir / "model.safetensors").is_file()
+    assert teacher.losses[-1] < teacher.losses[0], teacher.losses
+
+    store_dir = run_generate(recipe)
+    pts = PTStore(store_dir).load()
+    assert len(pts) == 48 + 32  # every labeled and unlabeled input
+    assert all(len(group) == 2 for group in pts["pts"])
+    assert set(pts["split"]) == {"labeled", "unlabeled"}
+
+    student = train_stage(recipe, "distill")
+    assert (student.model_dir / "model.safetensors").is_file()
+    assert student.steps > 0 and all(loss == loss for loss in student.losses)
+
+    report = run_evaluate(recipe)
+    assert "dev/teacher" in report.results and "dev/student:student" in report.results
+    assert report.results["dev/student:student"]["params"] < report.results["dev/teacher"]["params"]
+
+    client, runs = _runs(out)
+    assert {"teacher", "generate", "distill-student", "evaluate"} <= set(runs)
+    distill = runs["distill-student"]
+    assert distill.info.status == "FINISHED"
+    history = client.get_metric_history(distill.info.run_id, "train/loss")
+    assert len(history) == student.steps
+    student_share = client.get_metric_history(distill.info.run_id, "train/student_pt_batches")
+    assert any(m.value > 0 for m in student_share)  # Joint-Teaching batches really happened
+    assert distill.data.params["distill.student_pt_ratio"] == "0.5"
+    assert distill.data.tags["dskd.pt_dataset"] == str(store_dir)
+    artifacts = {a.path for a in client.list_artifacts(distill.info.run_id)}
+    assert {"recipe.yaml", "deepspeed_config.json"} <= artifacts
+    eval_artifacts = {a.path for a in client.list_artifacts(runs["evaluate"].info.run_id)}
+    assert {"report_dev.txt", "report_dev.json", "samples_dev.json"} <= eval_artifacts
+    assert "dev/teacher/rougeL" in runs["evaluate"].data.metrics
+
+
+@pytest.mark.slow
+def test_finished_stage_is_reused_and_force_retrains(tiny_task, tmp_path):
+    recipe = load_recipe(base=tiny_recipe(tiny_task, tmp_path, teacher={"train": {"epochs": 1, "micro_batch_size": 16}}))
+    first = train_stage(recipe, "teacher")
+    again = train_stage(recipe, "teacher")
+    assert again.skipped and not first.skipped
+    done = json.loads((tmp_path / "teacher" / "DONE.json").read_text())
+    assert done["run_id"] == first.run_id
+    changed = load_recipe(base=tiny_recipe(tiny_task, tmp_path, teacher={"train": {"epochs": 1, "micro_batch_size": 8}}))
+    assert not train_stage(changed, "teacher").skipped
