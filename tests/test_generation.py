@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -151,21 +152,29 @@ def test_decoding_config_rejects_contradictions():
         DecodingConfig(strategy="sampling", top_p=0.0)
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @pytest.mark.slow
-def test_two_ranks_with_synced_gpus_and_uneven_shards_equal_one_rank(tiny_tokenizer, tmp_path):
+@pytest.mark.parametrize("zero3", [False, True], ids=["replicated", "zero3"])
+def test_two_ranks_with_synced_gpus_and_uneven_shards_equal_one_rank(tiny_tokenizer, tmp_path, zero3):
     """5 rows in batches of 2 over 2 ranks: rank 1 owns one batch, rank 0 two, so rank 1 must run a dummy
-    generate() or synced_gpus hangs; the merged PTs must equal a 1-rank run's exactly (same seeds per batch)."""
+    generate() or synced_gpus hangs; the merged PTs must equal a 1-rank run's exactly (same seeds per batch;
+    a ZeRO-3-partitioned fp32 forward equals the unpartitioned one)."""
     model_dir = tmp_path / "model"
     tiny_model("seq2seq", len(tiny_tokenizer)).save_pretrained(model_dir)
     tiny_tokenizer.save_pretrained(model_dir)
     rows = {"id": [f"r{i}" for i in range(5)], "input": PROMPTS, "split": ["labeled"] * 3 + ["unlabeled"] * 2}
     decoding = DecodingConfig(strategy="sampling", num_return_sequences=2, batch_size=2, top_p=0.95)
     job = {"model_dir": str(model_dir), "rows": rows, "decoding": decoding.as_dict(), "seed": 11,
-           "store": str(tmp_path / "pts-2ranks")}
+           "store": str(tmp_path / "pts-2ranks"), "zero3": zero3}
     (tmp_path / "job.json").write_text(json.dumps(job))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "MASTER_ADDR": "127.0.0.1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", "29517", str(ROOT / "tests/workers/gen_pt_worker.py"),
+                           "--master_port", str(free_port()), str(ROOT / "tests/workers/gen_pt_worker.py"),
                            str(tmp_path / "job.json")], env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     two = PTStore(job["store"])

@@ -73,9 +73,13 @@ def test_merge_drops_exact_duplicates_rejects_conflicts_and_checks_coverage(tmp_
     assert loaded.column_names == ["id", "split", "input", "pts", "pt_ids"]
     assert loaded["id"] == ["a", "b", "c"]
     assert loaded[0]["pts"] == ["a b", "c"] and loaded[0]["pt_ids"] == [[5, 6, 1], [7, 1]]
+    store.write_shard(0, [row("d")])
+    store.merge()
+    assert store.load()["id"] == ["a", "b", "c", "d"], "a new merge must not be shadowed by an old cache"
+    assert len(list(store.cache_dir.rglob("*.arrow"))) == 1
 
-    with pytest.raises(ValueError, match=r"1 ids have no PTs \(e.g. \['d'\]\)"):
-        store.merge(expected_ids=["a", "b", "c", "d"])
+    with pytest.raises(ValueError, match=r"1 ids have no PTs \(e.g. \['e'\]\)"):
+        store.merge(expected_ids=["a", "b", "c", "d", "e"])
     store.write_shard(0, [row("c", pts=("other", "c"))])
     with pytest.raises(ValueError, match="'c' has two different PT sets"):
         store.merge()

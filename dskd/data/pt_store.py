@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Iterable
@@ -65,6 +66,7 @@ class PTStore:
         self.meta_path = self.root / "meta.json"
         self.shard_dir = self.root / "shards"
         self.merged_path = self.root / "pts.parquet"
+        self.cache_dir = self.root / ".cache"
 
     # ------------------------------------------------------------------------------------------ meta
 
@@ -145,6 +147,7 @@ class PTStore:
                     "(finished ids are skipped), or use a new PT directory if the data changed")
         table = table.sort_by("id")
         _atomic_write_bytes(self.merged_path, lambda f: pq.write_table(table, f))
+        shutil.rmtree(self.cache_dir, ignore_errors=True)  # load()'s Arrow copy of an older merge
         for stale in self.shard_dir.glob(".tmp-*") if self.shard_dir.exists() else []:
             stale.unlink(missing_ok=True)
         return self.merged_path
@@ -187,7 +190,7 @@ class PTStore:
         if not self.is_complete():
             raise FileNotFoundError(f"{self.merged_path} does not exist: PT generation into {self.root} has not "
                                     "finished (rerun `dskd generate`; finished ids are skipped)")
-        return datasets.Dataset.from_parquet(str(self.merged_path), cache_dir=str(self.root / ".cache"))
+        return datasets.Dataset.from_parquet(str(self.merged_path), cache_dir=str(self.cache_dir))
 
 
 # --------------------------------------------------------------------------------------- fingerprints
