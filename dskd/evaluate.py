@@ -76,7 +76,7 @@ def _column(rows, name: str) -> list:
     if hasattr(rows, "column_names"):
         if name not in rows.column_names:
             raise ValueError(f"evaluation rows need a {name!r} column; they have {rows.column_names}")
-        return list(rows[name])
+        return rows.select_columns([name]).to_dict()[name]
     try:
         return [row[name] for row in rows]
     except KeyError as err:

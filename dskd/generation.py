@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 from collections import Counter
 from dataclasses import asdict, dataclass, replace
-from typing import TYPE_CHECKING, Iterator, Literal, Sequence
+from typing import TYPE_CHECKING, Callable, Literal, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -164,9 +164,24 @@ def _agreed_batch_count(local: int, synced_gpus: bool) -> int:
     return int(count.item())
 
 
-def _chunks(items: Sequence, size: int) -> Iterator[Sequence]:
-    for start in range(0, len(items), size):
-        yield items[start: start + size]
+def _run_batches(model, encoder: Encoder, config: GenerationConfig, jobs: Sequence[tuple[list[list[int]], int | None]],
+                 handle: Callable[[int, list[list[list[int]]]], None], *, synced_gpus: bool, bar: tqdm) -> None:
+    """Generate each (prompts, seed) job in eval mode and pass its outputs to `handle(job_index, outputs)`;
+    restore the model's mode after. Under synced_gpus the ranks first agree on a job count, and a rank with
+    fewer jobs runs dummy batches whose outputs are dropped."""
+    total = _agreed_batch_count(len(jobs), synced_gpus)
+    dummy = ([encoder.prompt_ids("")], None)
+    was_training = model.training
+    model.eval()
+    try:
+        for index in range(total):
+            prompts, seed = jobs[index] if index < len(jobs) else dummy
+            outputs = generate_batch(model, encoder, prompts, config, synced_gpus=synced_gpus, seed=seed)
+            if index < len(jobs):
+                handle(index, outputs)
+                bar.update(len(prompts))
+    finally:
+        model.train(was_training)
 
 
 # ------------------------------------------------------------------------------------------ public API
@@ -176,25 +191,14 @@ def generate_ids(model, encoder: Encoder, prompts: Sequence[list[int]], decoding
                  synced_gpus: bool = False, seed: int | None = None, progress: bool = False,
                  desc: str = "") -> list[list[list[int]]]:
     """Per prompt, K target id lists (each ending in EOS). Sampling is seeded per batch when `seed` is given."""
+    size = decoding.batch_size
+    jobs = [(list(prompts[start: start + size]), None if seed is None else batch_seed(seed, start // size))
+            for start in range(0, len(prompts), size)]
     config = generation_config(model, encoder, decoding)
-    batches = list(_chunks(prompts, decoding.batch_size))
-    total = _agreed_batch_count(len(batches), synced_gpus)
-    dummy = [encoder.prompt_ids("")]
-    was_training = model.training
-    model.eval()
     outputs: list[list[list[int]]] = []
-    try:
-        with tqdm(total=len(prompts), desc=desc or "generate", unit="ex", disable=not progress) as bar:
-            for index in range(total):
-                real = index < len(batches)
-                result = generate_batch(model, encoder, batches[index] if real else dummy, config,
-                                         synced_gpus=synced_gpus,
-                                         seed=None if seed is None else batch_seed(seed, index))
-                if real:
-                    outputs.extend(result)
-                    bar.update(len(result))
-    finally:
-        model.train(was_training)
+    with tqdm(total=len(prompts), desc=desc or "generate", unit="ex", disable=not progress) as bar:
+        _run_batches(model, encoder, config, jobs, lambda _, result: outputs.extend(result),
+                     synced_gpus=synced_gpus, bar=bar)
     return outputs
 
 
@@ -229,7 +233,8 @@ def generate_pseudo_targets(model, encoder: Encoder, rows: "datasets.Dataset", d
     missing = {"id", "input", "split"} - set(rows.column_names)
     if missing:
         raise ValueError(f"PT generation needs columns id, input, split; the rows lack {sorted(missing)}")
-    ids, inputs, splits = rows["id"], rows["input"], rows["split"]
+    columns = rows.select_columns(["id", "input", "split"]).to_dict()  # plain lists: fast per-row access
+    ids, inputs, splits = columns["id"], columns["input"], columns["split"]
     dupes = [example_id for example_id, count in Counter(ids).items() if count > 1]
     if dupes:
         raise ValueError(f"row ids must be unique for the PT store; {len(dupes)} repeat, e.g. {sorted(dupes)[:5]}")
@@ -237,33 +242,21 @@ def generate_pseudo_targets(model, encoder: Encoder, rows: "datasets.Dataset", d
     done = store.completed_ids()
     size = decoding.batch_size
     owned = range(rank, -(-len(ids) // size), world_size)
-    pending = [b for b in owned if any(i not in done for i in ids[b * size:(b + 1) * size])]
+    spans = [range(b * size, min((b + 1) * size, len(ids))) for b in owned]
+    pending = [(b, span) for b, span in zip(owned, spans) if any(ids[i] not in done for i in span)]
+    jobs = [(encoder.prompt_ids_batch([inputs[i] for i in span]), batch_seed(seed, b)) for b, span in pending]
     config = generation_config(model, encoder, decoding)
-    total = _agreed_batch_count(len(pending), synced_gpus)
-    dummy = [encoder.prompt_ids("")]
-    show = progress and rank == 0
-    was_training = model.training
-    model.eval()
-    try:
-        with tqdm(total=sum(len(ids[b * size:(b + 1) * size]) for b in pending), desc=f"PTs rank {rank}",
-                  unit="ex", disable=not show) as bar:
-            for step in range(total):
-                if step >= len(pending):
-                    generate_batch(model, encoder, dummy, config, synced_gpus=synced_gpus, seed=None)
-                    continue
-                b = pending[step]
-                span = range(b * size, min((b + 1) * size, len(ids)))
-                prompts = encoder.prompt_ids_batch([inputs[i] for i in span])
-                pt_ids = generate_batch(model, encoder, prompts, config, synced_gpus=synced_gpus,
-                                         seed=batch_seed(seed, b))
-                texts = decode_texts(encoder, pt_ids)
-                new_rows = [{"id": ids[i], "split": splits[i], "input": inputs[i], "pts": texts[j], "pt_ids": pt_ids[j]}
-                            for j, i in enumerate(span) if ids[i] not in done]
-                if new_rows:
-                    store.write_shard(rank, new_rows)
-                bar.update(len(span))
-    finally:
-        model.train(was_training)
+
+    def save(index: int, pt_ids: list[list[list[int]]]) -> None:
+        span, texts = pending[index][1], decode_texts(encoder, pt_ids)
+        new_rows = [{"id": ids[i], "split": splits[i], "input": inputs[i], "pts": texts[j], "pt_ids": pt_ids[j]}
+                    for j, i in enumerate(span) if ids[i] not in done]
+        if new_rows:
+            store.write_shard(rank, new_rows)
+
+    with tqdm(total=sum(len(span) for _, span in pending), desc=f"PTs rank {rank}", unit="ex",
+              disable=not (progress and rank == 0)) as bar:
+        _run_batches(model, encoder, config, jobs, save, synced_gpus=synced_gpus, bar=bar)
     _merge_when_all_done(store, rank, world_size, ids)
 
 
