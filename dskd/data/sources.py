@@ -1,0 +1,202 @@
+"""Users' task data -> a validated `datasets.Dataset` with columns id, input[, target].
+
+Sources: a .jsonl / .json / .csv / .parquet file, a directory written by `Dataset.save_to_disk`, a local
+dataset directory or a hub name for `datasets.load_dataset`. Every row is checked the same way: a
+missing field or a malformed line is an error that names the file, line and what to change; an empty
+input or target is skipped and counted in the `LoadReport` (which the pipeline logs), never dropped
+silently. JSONL is parsed line by line so that errors can point at the exact line.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import datasets
+import pandas as pd
+
+FILE_FORMATS = (".jsonl", ".json", ".csv", ".parquet")
+
+
+class DataError(ValueError):
+    """Bad task data; the message says where (file:line or dataset/key) and what to do."""
+
+
+@dataclass
+class LoadReport:
+    split: str
+    source: str
+    read: int = 0
+    kept: int = 0
+    skipped_empty_target: int = 0
+    skipped_empty_input: int = 0
+
+    def as_metrics(self) -> dict[str, int]:
+        prefix = f"data/{self.split}"
+        return {f"{prefix}/read": self.read, f"{prefix}/kept": self.kept,
+                f"{prefix}/skipped_empty_target": self.skipped_empty_target,
+                f"{prefix}/skipped_empty_input": self.skipped_empty_input}
+
+
+@dataclass(frozen=True)
+class _Fields:
+    input: str
+    target: str | None
+    id: str | None
+
+
+def load_split(source: str, *, split: str, input_field: str = "input", target_field: str | None = "target",
+               hf_split: str | None = None, hf_config: str | None = None, max_examples: int | None = None,
+               id_field: str | None = None) -> tuple[datasets.Dataset, LoadReport]:
+    """Load one split (`split` names it in ids, errors and metrics; `hf_split` picks it from a DatasetDict).
+
+    Unlabeled splits pass target_field=None. Ids come from `id_field`, else f"{split}-{row}" (row counted
+    from 0 over all rows read, so ids stay the same when empty rows are skipped).
+    """
+    fields = _Fields(input_field, target_field, id_field)
+    report = LoadReport(split=split, source=str(source))
+    ids: list[str] = []
+    inputs: list[str] = []
+    targets: list[str] = []
+    first_row_of_id: dict[str, str] = {}
+    for where, row_number, row in _rows(str(source), split, hf_split, hf_config):
+        if max_examples is not None and report.kept >= max_examples:
+            break
+        report.read += 1
+        text_in, text_out = _check_row(row, fields, where)
+        if not text_in.strip():
+            report.skipped_empty_input += 1
+            continue
+        if target_field is not None and not text_out.strip():
+            report.skipped_empty_target += 1
+            continue
+        example_id = _text(row[id_field], id_field, where).strip() if id_field else f"{split}-{row_number}"
+        if not example_id:
+            raise DataError(f"{where}: empty id in field '{id_field}'; every example needs an id")
+        if example_id in first_row_of_id:
+            raise DataError(f"{where}: duplicate id {example_id!r} (first seen at {first_row_of_id[example_id]}); "
+                            f"ids in '{id_field}' must be unique because pseudo-targets are joined on them")
+        first_row_of_id[example_id] = where
+        ids.append(example_id)
+        inputs.append(text_in)
+        if target_field is not None:
+            targets.append(text_out)
+        report.kept += 1
+    if report.kept == 0:
+        raise DataError(f"{source}: no usable examples for split '{split}' ({report.read} read, "
+                        f"{report.skipped_empty_input} with empty input, {report.skipped_empty_target} with "
+                        f"empty target); check the file and the field names")
+    columns: dict[str, list[str]] = {"id": ids, "input": inputs}
+    if target_field is not None:
+        columns["target"] = targets
+    features = datasets.Features({name: datasets.Value("string") for name in columns})
+    return datasets.Dataset.from_dict(columns, features=features), report
+
+
+def _check_row(row: Any, fields: _Fields, where: str) -> tuple[str, str]:
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object with fields, got {type(row).__name__}")
+    wanted = [fields.input] + [f for f in (fields.target, fields.id) if f is not None]
+    for name in wanted:
+        if name not in row:
+            raise DataError(f"{where}: no field '{name}' (available: {', '.join(map(str, row)) or 'none'}); "
+                            f"rename the field in the data or set the field name in the recipe's data section")
+    text_in = _text(row[fields.input], fields.input, where)
+    text_out = _text(row[fields.target], fields.target, where) if fields.target is not None else ""
+    return text_in, text_out
+
+
+def _text(value: Any, name: str, where: str) -> str:
+    """Field value as text: None/NaN count as empty; numbers are stringified; containers are errors."""
+    if isinstance(value, str):
+        return value
+    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, numbers.Number):
+        return str(value)
+    raise DataError(f"{where}: field '{name}' must be text, got {type(value).__name__} ({str(value)[:60]!r})")
+
+
+def _rows(source: str, split: str, hf_split: str | None, hf_config: str | None) -> Iterator[tuple[str, int, Any]]:
+    """(location for messages, row number from 0, row dict) for every row of the source."""
+    path = Path(source)
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix == ".jsonl" or (suffix == ".json" and not _is_json_array(path)):
+            return _jsonl_rows(path)
+        if suffix == ".json":
+            return _json_array_rows(path)
+        if suffix == ".csv":  # header is line 1: row i sits on line i + 2
+            frame = pd.read_csv(path, dtype=str, keep_default_na=False)  # keep "NA"/"null" as text
+            return ((f"{path}:{i + 2}", i, row) for i, row in enumerate(_frame_records(frame)))
+        if suffix == ".parquet":
+            frame = pd.read_parquet(path)
+            return ((f"{path} row {i}", i, row) for i, row in enumerate(_frame_records(frame)))
+        raise DataError(f"{path}: unsupported file type '{suffix}'; use one of {', '.join(FILE_FORMATS)} "
+                        f"or a datasets directory/name")
+    if path.suffix.lower() in FILE_FORMATS or (not path.exists() and path.is_absolute()):
+        raise DataError(f"{source}: file not found; check the path in the recipe")
+    dataset = _load_dataset(source, split, hf_split, hf_config)
+    name = f"{source}[{hf_split or split}]"
+    return ((f"{name} row {i}", i, row) for i, row in enumerate(dataset))
+
+
+def _load_dataset(source: str, split: str, hf_split: str | None, hf_config: str | None) -> datasets.Dataset:
+    wanted = hf_split or split
+    path = Path(source)
+    if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
+        loaded = datasets.load_from_disk(str(path))  # written by save_to_disk
+        if isinstance(loaded, datasets.DatasetDict):
+            if wanted not in loaded:
+                raise DataError(f"{source}: no split '{wanted}' (available: {', '.join(loaded)}); "
+                                f"set hf_split for the '{split}' split in the recipe")
+            return loaded[wanted]
+        return loaded
+    try:
+        return datasets.load_dataset(source, hf_config, split=wanted)
+    except (FileNotFoundError, ValueError, ConnectionError) as error:  # unknown name/split/config, offline
+        raise DataError(f"{source}: cannot load split '{wanted}' as a file, a saved dataset or a `datasets` "
+                        f"name ({type(error).__name__}: {error}); check the source and hf_split/hf_config "
+                        f"in the recipe") from error
+
+
+def _is_json_array(path: Path) -> bool:
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(64), b""):
+            stripped = chunk.lstrip()
+            if stripped:
+                return stripped.startswith(b"[")
+    return False
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[str, int, Any]]:
+    row_number = 0
+    with path.open(encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue  # blank lines are not records
+            where = f"{path}:{line_number}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{where}: invalid JSON ({error.msg} at column {error.colno}); each line must "
+                                f"be one JSON object like {{\"input\": ..., \"target\": ...}}") from error
+            yield where, row_number, row
+            row_number += 1
+
+
+def _json_array_rows(path: Path) -> Iterator[tuple[str, int, Any]]:
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path}:{error.lineno}: invalid JSON ({error.msg} at column {error.colno})") from error
+    for i, row in enumerate(rows):
+        yield f"{path} item {i}", i, row
+
+
+def _frame_records(frame: pd.DataFrame) -> Iterable[dict[str, Any]]:
+    return frame.to_dict(orient="records")
