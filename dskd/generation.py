@@ -279,12 +279,22 @@ def _check_store_matches(store: "PTStore", decoding: DecodingConfig, seed: int) 
 
 
 def _merge_when_all_done(store: "PTStore", rank: int, world_size: int, ids: Sequence[str]) -> None:
+    """Rank 0 merges after every rank finished; a failed merge is reported on every rank (none hangs)."""
     distributed = world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
     if world_size > 1 and not distributed:
         return  # independent tasks: whoever runs last calls store.merge()
     if distributed:
         torch.distributed.barrier()
+    failure = None
     if rank == 0:
-        store.merge(expected_ids=ids)
+        try:
+            store.merge(expected_ids=ids)
+        except Exception as err:
+            failure = err
     if distributed:
-        torch.distributed.barrier()
+        box = [None if failure is None else f"{type(failure).__name__}: {failure}"]
+        torch.distributed.broadcast_object_list(box, src=0)
+        if rank != 0 and box[0] is not None:
+            raise RuntimeError(f"rank 0 could not merge the PT shards in {store.root}: {box[0]}")
+    if failure is not None:
+        raise failure

@@ -158,24 +158,32 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("zero3", [False, True], ids=["replicated", "zero3"])
-def test_two_ranks_with_synced_gpus_and_uneven_shards_equal_one_rank(tiny_tokenizer, tmp_path, zero3):
-    """5 rows in batches of 2 over 2 ranks: rank 1 owns one batch, rank 0 two, so rank 1 must run a dummy
-    generate() or synced_gpus hangs; the merged PTs must equal a 1-rank run's exactly (same seeds per batch;
-    a ZeRO-3-partitioned fp32 forward equals the unpartitioned one)."""
+ROWS = {"id": [f"r{i}" for i in range(5)], "input": PROMPTS, "split": ["labeled"] * 3 + ["unlabeled"] * 2}
+PT_SAMPLING = DecodingConfig(strategy="sampling", num_return_sequences=2, batch_size=2, top_p=0.95)
+
+
+def run_two_ranks(tokenizer, tmp_path, zero3: bool) -> tuple[subprocess.CompletedProcess, dict]:
+    """Save a tiny T5, then generate PTs for ROWS with gen_pt_worker.py on 2 gloo ranks (synced_gpus)."""
     model_dir = tmp_path / "model"
-    tiny_model("seq2seq", len(tiny_tokenizer)).save_pretrained(model_dir)
-    tiny_tokenizer.save_pretrained(model_dir)
-    rows = {"id": [f"r{i}" for i in range(5)], "input": PROMPTS, "split": ["labeled"] * 3 + ["unlabeled"] * 2}
-    decoding = DecodingConfig(strategy="sampling", num_return_sequences=2, batch_size=2, top_p=0.95)
-    job = {"model_dir": str(model_dir), "rows": rows, "decoding": decoding.as_dict(), "seed": 11,
+    tiny_model("seq2seq", len(tokenizer)).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    job = {"model_dir": str(model_dir), "rows": ROWS, "decoding": PT_SAMPLING.as_dict(), "seed": 11,
            "store": str(tmp_path / "pts-2ranks"), "zero3": zero3}
     (tmp_path / "job.json").write_text(json.dumps(job))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                            "--master_port", str(free_port()), str(ROOT / "tests/workers/gen_pt_worker.py"),
                            str(tmp_path / "job.json")], env=env, capture_output=True, text=True, timeout=240)
+    return proc, job
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero3", [False, True], ids=["replicated", "zero3"])
+def test_two_ranks_with_synced_gpus_and_uneven_shards_equal_one_rank(tiny_tokenizer, tmp_path, zero3):
+    """5 rows in batches of 2 over 2 ranks: rank 1 owns one batch, rank 0 two, so rank 1 must run a dummy
+    generate() or synced_gpus hangs; the merged PTs must equal a 1-rank run's exactly (same seeds per batch;
+    a ZeRO-3-partitioned fp32 forward equals the unpartitioned one)."""
+    proc, job = run_two_ranks(tiny_tokenizer, tmp_path, zero3)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     two = PTStore(job["store"])
     assert two.is_complete()
@@ -183,10 +191,27 @@ def test_two_ranks_with_synced_gpus_and_uneven_shards_equal_one_rank(tiny_tokeni
 
     from transformers import AutoModelForSeq2SeqLM
 
-    model = AutoModelForSeq2SeqLM.from_pretrained(model_dir).eval()
+    model = AutoModelForSeq2SeqLM.from_pretrained(job["model_dir"]).eval()
     one = PTStore(tmp_path / "pts-1rank")
-    one.write_meta(pt_store_meta(decoding, seed=11, teacher={"fingerprint": weights_fingerprint(model_dir)},
-                                 data_fingerprint="tiny"))
-    generate_pseudo_targets(model, tiny_encoder(tiny_tokenizer, "seq2seq"), datasets.Dataset.from_dict(rows),
-                            decoding, one, seed=11, progress=False)
+    one.write_meta(pt_store_meta(PT_SAMPLING, seed=11, data_fingerprint="tiny",
+                                 teacher={"fingerprint": weights_fingerprint(job["model_dir"])}))
+    generate_pseudo_targets(model, tiny_encoder(tiny_tokenizer, "seq2seq"), datasets.Dataset.from_dict(ROWS),
+                            PT_SAMPLING, one, seed=11, progress=False)
     assert two.load().to_list() == one.load().to_list()
+
+
+@pytest.mark.slow
+def test_a_failed_merge_is_reported_on_every_rank(tiny_tokenizer, tmp_path):
+    """Two shards disagree about r0's PTs: rank 0's merge fails, and rank 1 fails with it, saying why, instead
+    of waiting at a barrier (launchers that do not kill the group on a failed rank would leave it there)."""
+    store = PTStore(tmp_path / "pts-2ranks")
+    store.root.mkdir()
+    for text in ("one", "two"):
+        store.shard_dir.mkdir(exist_ok=True)
+        store.write_shard(0, [{"id": "r0", "split": "labeled", "input": PROMPTS[0], "pts": [text, text],
+                               "pt_ids": [[5, 1], [5, 1]]}])
+    proc, _ = run_two_ranks(tiny_tokenizer, tmp_path, zero3=False)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "'r0' has two different PT sets" in output  # rank 0's own error
+    assert "rank 0 could not merge the PT shards" in output  # rank 1, told instead of left waiting
