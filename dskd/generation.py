@@ -4,9 +4,10 @@ All three go through one batch routine so that a PT, a student sample and an eva
 and ended identically (`Encoder.finish_target`: at the first EOS, at most `max_target_tokens`, EOS last) and
 can be fed straight back to `collate_training`.
 
-The decoding is fully described by `DecodingConfig`: the knobs a model's own `generation_config` could add
-on top (repetition penalties, n-gram blocking, length penalty, minimum length) are set to neutral values, so
-the config recorded beside a PT store is the whole story.
+The decoding is described by `DecodingConfig`: the knobs a model's own `generation_config` could add on top
+(repetition penalties, n-gram blocking, length penalty, minimum length, a default top-k) are set to neutral
+values, so the config recorded beside a PT store is the whole story. Settings that are part of a model's
+contract rather than of the search (e.g. BART's forced_bos_token_id) still come from the model.
 
 Reproducibility: sampling is seeded per batch from (seed, global batch index) inside a forked RNG, so a
 resumed PT run regenerates exactly the PTs an uninterrupted run would have produced for the same batch, and
