@@ -91,7 +91,7 @@ def generation_config(model, encoder: Encoder, decoding: DecodingConfig) -> Gene
         "num_return_sequences": decoding.num_return_sequences,
         "pad_token_id": pad_id,
         "eos_token_id": eos_id,
-        "min_length": 0,
+        "min_new_tokens": 0,
         "repetition_penalty": 1.0,
         "encoder_repetition_penalty": 1.0,
         "no_repeat_ngram_size": 0,

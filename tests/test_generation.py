@@ -118,12 +118,13 @@ def test_beam_returns_k_distinct_best_first(tiny_tokenizer):
 def test_model_generation_config_cannot_change_the_outputs(tiny_tokenizer):
     model, enc = tiny_model("causal", len(tiny_tokenizer)), tiny_encoder(tiny_tokenizer, "causal")
     prompts = [enc.prompt_ids(p) for p in PROMPTS]
-    greedy = DecodingConfig(batch_size=5)
-    plain = generate_ids(model, enc, prompts, greedy)
+    configs = [DecodingConfig(batch_size=5), DecodingConfig(strategy="sampling", num_return_sequences=2)]
+    plain = [generate_ids(model, enc, prompts, decoding, seed=0) for decoding in configs]
     model.generation_config.no_repeat_ngram_size = 1
     model.generation_config.repetition_penalty = 10.0
     model.generation_config.top_k = 2
-    assert generate_ids(model, enc, prompts, greedy) == plain
+    model.generation_config.min_new_tokens = 11
+    assert [generate_ids(model, enc, prompts, decoding, seed=0) for decoding in configs] == plain
 
 
 def test_student_samples_restore_mode_and_follow_the_global_rng(tiny_tokenizer):
