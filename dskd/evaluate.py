@@ -114,12 +114,12 @@ def efficiency(model, encoder: Encoder, prompts: Sequence[list[int]], decoding: 
     try:
         for i in range(config.warmup):
             generate_batch(model, encoder, [latency_prompts[i % len(latency_prompts)]], single, synced_gpus=False,
-                            seed=0)
+                           seed=0)
         latencies, lengths = [], []
         for _ in range(config.repeats):
             for prompt in latency_prompts:
                 seconds, out = _timed(model, lambda: generate_batch(model, encoder, [prompt], single,
-                                                                     synced_gpus=False, seed=0))
+                                                                    synced_gpus=False, seed=0))
                 latencies.append(1000.0 * seconds)
                 lengths.append(len(out[0][0]))
 
