@@ -50,16 +50,17 @@ def _quiet_libraries(rank: int) -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _cuda() else "cuda")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     logging.basicConfig(level=logging.WARNING if rank == 0 else logging.ERROR,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for name in ("DeepSpeed", "deepspeed", "transformers", "datasets", "mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING if rank == 0 else logging.ERROR)
-    try:
-        import transformers
+    import datasets
+    import transformers
 
-        transformers.logging.set_verbosity_error()
-    except ImportError:
-        pass
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()  # our own bars show stage progress
+    datasets.disable_progress_bars()
 
 
 def _cuda() -> bool:

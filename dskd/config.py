@@ -27,6 +27,7 @@ class RunConfig(Strict):
     output_dir: Path = Path("dskd-runs/default")
     seed: int = 42
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    dist_timeout_minutes: float = Field(30.0, gt=0)  # a hung collective fails after this long
 
 
 class TrackingConfig(Strict):

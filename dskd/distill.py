@@ -244,7 +244,7 @@ def _decoder_start(model) -> int | None:
 def train_stage(recipe: Recipe, stage: Stage, *, resume: bool = False, force: bool = False,
                 parent_run_id: str | None = None, tracker: Tracker | None = None) -> StageResult:
     """Run `dskd teacher` or `dskd distill` end to end and export the trained model."""
-    dist = init_distributed(recipe.run.device)
+    dist = init_distributed(recipe.run.device, recipe.run.dist_timeout_minutes)
     out_dir = stage_dir(recipe, stage)
     key = stage_key(recipe, stage)
     done = None if force else read_done(out_dir, key)

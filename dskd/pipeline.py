@@ -57,7 +57,7 @@ def _teacher_from_disk(recipe: Recipe) -> bool:
 
 def run_generate(recipe: Recipe, *, parent_run_id: str | None = None, tracker: Tracker | None = None) -> Path:
     """K teacher pseudo-targets per labeled/unlabeled input, sharded over ranks, resumable."""
-    dist = init_distributed(recipe.run.device)
+    dist = init_distributed(recipe.run.device, recipe.run.dist_timeout_minutes)
     check_data_paths(recipe)
     task = load_task(recipe, dist.is_main, needed=tuple(recipe.generate.splits))
     tokenizer = stage_tokenizer(recipe, task, "distill")
@@ -132,7 +132,7 @@ def _models_to_evaluate(recipe: Recipe) -> dict[str, str]:
 
 def run_evaluate(recipe: Recipe, *, parent_run_id: str | None = None, tracker: Tracker | None = None) -> EvalReport:
     """Task metrics and efficiency of the teacher and the students, side by side (rank 0 does the work)."""
-    dist = init_distributed(recipe.run.device)
+    dist = init_distributed(recipe.run.device, recipe.run.dist_timeout_minutes)
     check_data_paths(recipe)
     cfg = recipe.evaluate
     report = EvalReport(results={}, table="")
@@ -205,7 +205,7 @@ def student_variant(recipe: Recipe, name: str, **distill) -> Recipe:
 def run_demo(recipe: Recipe) -> EvalReport:
     """teacher -> PTs -> CE-only student and Joint-Teaching student -> evaluation, one parent MLflow run."""
     start = time.perf_counter()
-    dist = init_distributed(recipe.run.device)
+    dist = init_distributed(recipe.run.device, recipe.run.dist_timeout_minutes)
     tracker = Tracker(recipe.tracking, recipe.run.output_dir, active=dist.is_main)
     ce_student = student_variant(recipe, "ce", loss="ce", sources=["gold"], student_pt_ratio=0.0)
     jt_student = student_variant(recipe, "jt")
