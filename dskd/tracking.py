@@ -43,7 +43,8 @@ class Tracker:
             os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
             self.uri = tracking_uri(cfg, self.output_dir)
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            mlflow.set_tracking_uri(self.uri)
+            # Client API only: mlflow.set_tracking_uri would export MLFLOW_TRACKING_URI and leak this run's
+            # store into every later stage of the same process.
             self._client = mlflow.MlflowClient(self.uri)
             self.experiment_id = self._experiment()
 
