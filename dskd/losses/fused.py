@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from dskd.losses import KDLossConfig, KDLossOutput
 
 # Row blocks of about this many bytes per [block, V] buffer keep the six block buffers in cache.
-BLOCK_BYTES = 1 << 20
+BLOCK_BYTES = 4 << 20
 # Vocabulary slice upcast at a time for a bf16/fp16 head (bounds the fp32 copy of its weight).
 UPCAST_SLICE_BYTES = 16 << 20
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -53,19 +53,25 @@ def fused_kd_loss(
     student_bias: torch.Tensor | None = None,
     teacher_bias: torch.Tensor | None = None,
     vocab_size: int,
+    runner: Callable[[Problem], Result] | None = None,
 ) -> KDLossOutput:
-    """Arguments as :func:`dskd.losses.kd_loss`, with ``normalizer`` and ``vocab_size`` resolved."""
+    """Arguments as :func:`dskd.losses.kd_loss`, with ``normalizer`` and ``vocab_size`` resolved.
+
+    ``runner`` computes the sums and gradients of a :class:`Problem` (default: :func:`run_chunks`);
+    :mod:`dskd.losses.compiled` passes its compiled chunk loop here.
+    """
     from dskd.losses import KDLossOutput
 
+    runner = runner or run_chunks
     wants_grad = [t is not None and t.requires_grad for t in (student_hidden, student_weight, student_bias)]
-    problem = _Problem.build(
+    problem = Problem.build(
         student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
         targets, mask, config, normalizer, vocab_size, wants_grad if torch.is_grad_enabled() else [False] * 3,
     )
     if any(problem.wants_grad):
-        loss, kd, ce = _FusedKDFunction.apply(student_hidden, student_weight, student_bias, problem)
+        loss, kd, ce = _FusedKDFunction.apply(student_hidden, student_weight, student_bias, problem, runner)
     else:
-        result = run_chunks(problem)
+        result = runner(problem)
         loss, kd, ce = result.loss, result.kd, result.ce
     return KDLossOutput(loss=loss, kd=kd.detach(), ce=ce.detach(), num_tokens=problem.num_tokens)
 
@@ -74,8 +80,8 @@ class _FusedKDFunction(torch.autograd.Function):
     """Returns (loss, kd, ce); the gradients are built in forward and only scaled in backward."""
 
     @staticmethod
-    def forward(ctx, student_hidden, student_weight, student_bias, problem):
-        result = run_chunks(problem)
+    def forward(ctx, student_hidden, student_weight, student_bias, problem, runner):
+        result = runner(problem)
         ctx.grads = (result.grad_hidden, result.grad_weight, result.grad_bias)
         ctx.mark_non_differentiable(result.kd, result.ce)
         return result.loss, result.kd, result.ce
@@ -85,11 +91,11 @@ class _FusedKDFunction(torch.autograd.Function):
         grads, ctx.grads = ctx.grads, None
         # A scalar upstream gradient is the only kind a scalar loss can receive; it just scales.
         scaled = [g if g is None else g * grad_loss.to(g.dtype) for g in grads]
-        return (*scaled, None)
+        return (*scaled, None, None)
 
 
 @dataclass
-class _Problem:
+class Problem:
     """One call's inputs, reduced to the valid rows and the real vocabulary."""
 
     student_x: torch.Tensor  # [n, Hs] valid rows, model dtype
@@ -111,14 +117,14 @@ class _Problem:
 
     @staticmethod
     def build(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
-              targets, mask, config, normalizer, vocab, wants_grad) -> _Problem:
+              targets, mask, config, normalizer, vocab, wants_grad) -> Problem:
         rows = mask.reshape(-1).nonzero().squeeze(1)
         use_teacher = config.kd_weight > 0
         compute = torch.float32
         for t in (student_hidden, student_weight, teacher_hidden if use_teacher else None):
             if t is not None:
                 compute = torch.promote_types(compute, t.dtype)
-        return _Problem(
+        return Problem(
             student_x=student_hidden.detach().reshape(-1, student_hidden.shape[-1]).index_select(0, rows),
             student_w=student_weight.detach()[:vocab],
             student_b=None if student_bias is None else student_bias.detach().reshape(-1)[:vocab],
@@ -143,7 +149,7 @@ class _Problem:
 
 
 @dataclass
-class _Result:
+class Result:
     loss: torch.Tensor
     kd: torch.Tensor
     ce: torch.Tensor
@@ -153,7 +159,7 @@ class _Result:
 
 
 @dataclass(frozen=True)
-class _Plan:
+class Plan:
     """Per-call scalars of the block math."""
 
     divergence: str
@@ -166,14 +172,14 @@ class _Plan:
     need_grad: bool
 
     @staticmethod
-    def of(problem: _Problem) -> _Plan:
+    def of(problem: Problem) -> Plan:
         cfg = problem.config
         t = float(cfg.temperature)
         use_teacher = cfg.kd_weight > 0
         kd_coef = cfg.kd_weight * cfg.kd_scale / (t * problem.normalizer)
         ce_coef = cfg.ce_weight / problem.normalizer if problem.targets is not None else 0.0
         grad_coef = kd_coef if use_teacher else ce_coef
-        return _Plan(
+        return Plan(
             divergence=cfg.divergence,
             temperature=t,
             beta=float(cfg.beta),
@@ -185,18 +191,19 @@ class _Plan:
         )
 
 
-def run_chunks(problem: _Problem) -> _Result:
+def run_chunks(problem: Problem) -> Result:
     """The chunk loop: logits per chunk, block math, backward GEMMs; returns sums and gradients."""
-    cfg, plan = problem.config, _Plan.of(problem)
+    cfg, plan = problem.config, Plan.of(problem)
     n, compute, device = problem.rows.numel(), problem.compute, problem.student_x.device
     vocab = problem.student_w.shape[0]
     chunk = max(1, min(int(cfg.chunk_size), n))
     block = max(1, min(chunk, BLOCK_BYTES // (vocab * torch.finfo(compute).bits // 8)))
     student_logits = torch.empty(chunk, vocab, dtype=compute, device=device)
     teacher_logits = torch.empty(chunk, vocab, dtype=compute, device=device) if plan.use_teacher else None
-    scratch = [torch.empty(block, vocab, dtype=compute, device=device) for _ in range(4 if plan.use_teacher else 1)]
+    n_scratch = 1 if not plan.use_teacher else 3 if plan.temperature == 1.0 or problem.targets is None else 4
+    scratch = [torch.empty(block, vocab, dtype=compute, device=device) for _ in range(n_scratch)]
     minus_ce = torch.full((block, 1), -plan.ce_ratio, dtype=compute, device=device)
-    grads = _GradAccumulator(problem, plan, chunk) if plan.need_grad else None
+    grads = GradAccumulator(problem, plan) if plan.need_grad else None
 
     kd_sum = torch.zeros((), dtype=compute, device=device)
     ce_sum = torch.zeros((), dtype=compute, device=device)
@@ -223,15 +230,20 @@ def run_chunks(problem: _Problem) -> _Result:
         if grads is not None:
             grads.add_chunk(start, stop, zs, x_chunk, free=teacher_logits)
 
-    kd_sum *= cfg.kd_scale
+    return finish(problem, plan, kd_sum, ce_sum, grads)
+
+
+def finish(problem: Problem, plan: Plan, kd_sum: torch.Tensor, ce_sum: torch.Tensor,
+           grads: GradAccumulator | None) -> Result:
+    """Scale the summed terms into the loss and place the gradients in the inputs' shapes."""
+    cfg = problem.config
+    kd_sum = kd_sum * cfg.kd_scale
     if problem.targets is None:
-        ce_sum.fill_(float("nan"))
+        ce_sum = torch.full_like(ce_sum, float("nan"))
     loss = (cfg.kd_weight * kd_sum + (cfg.ce_weight * ce_sum if cfg.ce_weight > 0 else 0.0)) / problem.normalizer
-    kd = kd_sum / problem.normalizer
-    ce = ce_sum / problem.normalizer
     if grads is None:
-        grads = _GradAccumulator(problem, plan, chunk, zeros_only=True)
-    return _Result(loss, kd, ce, *grads.finish())
+        grads = GradAccumulator(problem, plan, zeros_only=True)
+    return Result(loss, kd_sum / problem.normalizer, ce_sum / problem.normalizer, *grads.finish())
 
 
 def _logits_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -257,47 +269,61 @@ def _gemm_into(out, x, weight, bias, scale) -> None:
         torch.addmm(bias.to(out.dtype), x, weight.T, beta=scale, alpha=scale, out=out)
 
 
-def _block_step(zs, zt, tgt, scratch, minus_ce, plan: _Plan):
+def _block_step(zs, zt, tgt, scratch, minus_ce, plan: Plan):
     """Loss sums of one row block; with plan.need_grad, zs is overwritten by the block's gradient.
 
     zs: student logits at T=1, zt: teacher logits / T. The gradient left in zs is
     dKD/d(z/T) + ce_ratio * dCE/dz; the caller multiplies by grad_coef in the backward GEMMs.
+    Both logit blocks become log-probabilities in place; the probabilities go to scratch.
     """
-    log_q = scratch[0]
-    torch.log_softmax(zs, 1, out=log_q)  # at T=1
-    ce = None if tgt is None else -log_q.gather(1, tgt).sum()
-    ce_grad = plan.need_grad and plan.ce_ratio > 0
     if not plan.use_teacher:  # CE only
+        probs = scratch[0]
+        lse = _softmax_and_lse(zs, probs)
+        ce = None if tgt is None else (lse - zs.gather(1, tgt)).sum()
         if plan.need_grad:
-            torch.exp(log_q, out=zs)
-            zs.scatter_add_(1, tgt, minus_ce)
+            zs.copy_(probs).scatter_add_(1, tgt, minus_ce)
         return None, ce
 
-    log_p, tmp, ce_probs = scratch[1], scratch[2], scratch[3]
-    if ce_grad:
-        torch.exp(log_q, out=ce_probs)  # softmax at T=1
-    if plan.temperature != 1.0:
+    q, p, tmp = scratch[0], scratch[1], scratch[2]
+    unit_t = plan.temperature == 1.0
+    ce = None
+    if not unit_t and tgt is not None:  # CE is at T=1: its own softmax, before the scaling
+        ce_probs = scratch[3]
+        ce = (_softmax_and_lse(zs, ce_probs) - zs.gather(1, tgt)).sum()
         zs.mul_(1.0 / plan.temperature)
-        torch.log_softmax(zs, 1, out=log_q)
-    torch.exp(log_q, out=zs)  # q
-    torch.log_softmax(zt, 1, out=log_p)
-    torch.exp(log_p, out=zt)  # p
-    kd = _DIVERGENCES[plan.divergence](zs, log_q, zt, log_p, tmp, plan)
-    if ce_grad:
-        zs.add_(ce_probs, alpha=plan.ce_ratio)
+    elif not unit_t:
+        zs.mul_(1.0 / plan.temperature)
+    zs.sub_(_softmax_and_lse(zs, q))  # log q
+    if unit_t and tgt is not None:
+        ce = -zs.gather(1, tgt).sum()
+    zt.sub_(_softmax_and_lse(zt, p))  # log p
+    kd = _DIVERGENCES[plan.divergence](q, zs, p, zt, tmp, plan)
+    if plan.need_grad and plan.ce_ratio > 0:
+        zs.add_(q if unit_t else ce_probs, alpha=plan.ce_ratio)
         zs.scatter_add_(1, tgt, minus_ce)
     return kd, ce
 
 
-# Each divergence gets (q, log q, p, log p, tmp) as [rows, V] blocks it may overwrite, returns the
-# summed divergence and, when plan.need_grad, leaves dD/dz (z = logits/T) in q.
-Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, _Plan], torch.Tensor]
+def _softmax_and_lse(z: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out = softmax(z) by rows; returns logsumexp(z) [rows, 1] without a second exp pass.
+
+    softmax computes exp(z - max) / sum, so its row maximum is exactly 1 / sum and
+    logsumexp = max(z) + log(sum) = max(z) - log(max(out)).
+    """
+    torch.softmax(z, 1, out=out)
+    return z.amax(1, keepdim=True).sub_(out.amax(1, keepdim=True).log_())
+
+
+# Each divergence gets q, p (read-only probabilities), log q, log p, tmp ([rows, V] blocks; all but
+# q may be overwritten), returns the summed divergence and, when plan.need_grad, leaves
+# dD/dz (z = logits/T) in log_q's buffer.
+Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Plan], torch.Tensor]
 
 
 def _forward_kl(q, log_q, p, log_p, tmp, plan):
     loss = log_p.sub_(log_q).mul_(p).sum()  # sum p (log p - log q)
     if plan.need_grad:
-        q.sub_(p)
+        torch.sub(q, p, out=log_q)
     return loss
 
 
@@ -307,7 +333,7 @@ def _reverse_kl(q, log_q, p, log_p, tmp, plan):
     row = tmp.sum(1, keepdim=True)  # KL(q||p) per row
     loss = row.sum()
     if plan.need_grad:
-        q.mul_(row.neg_()).add_(tmp)  # q (d - KL)
+        torch.mul(q, row.neg_(), out=log_q).add_(tmp)  # q (d - KL)
     return loss
 
 
@@ -317,14 +343,14 @@ def _jsd(q, log_q, p, log_p, tmp, plan):
         return _forward_kl(q, log_q, p, log_p, tmp, plan)
     if beta == 1.0:
         return _reverse_kl(q, log_q, p, log_p, tmp, plan)
-    _log_mixture(tmp, p, beta, q)  # log m
+    _mixture(tmp, p, beta, q).log_()  # log m
     teacher_part = log_p.sub_(tmp).mul_(p).sum()  # sum p (log p - log m)
     log_q.sub_(tmp)  # g / (1 - beta)
     torch.mul(q, log_q, out=tmp)
     row = tmp.sum(1, keepdim=True)  # KL(q||m) per row
     loss = beta * teacher_part + (1.0 - beta) * row.sum()
     if plan.need_grad:
-        q.mul_(row.neg_()).add_(tmp).mul_(1.0 - beta)
+        torch.mul(q, row.neg_(), out=log_q).add_(tmp).mul_(1.0 - beta)
     return loss
 
 
@@ -338,7 +364,7 @@ def _skew_forward_kl(q, log_q, p, log_p, tmp, plan):
     if plan.need_grad:
         log_q.mul_(q)  # q w
         row = log_q.sum(1, keepdim=True)
-        q.mul_(row).sub_(log_q).mul_(1.0 - alpha)
+        log_q.sub_(torch.mul(q, row, out=tmp)).mul_(alpha - 1.0)  # (1-alpha) q (sum(q w) - w)
     return loss
 
 
@@ -353,7 +379,7 @@ def _skew_reverse_kl(q, log_q, p, log_p, tmp, plan):
     if plan.need_grad:
         log_q.sub_(p, alpha=alpha).mul_(q)  # q h, h = d - alpha u
         row = log_q.sum(1, keepdim=True)
-        q.mul_(row.neg_()).add_(log_q)
+        log_q.sub_(torch.mul(q, row, out=tmp))
     return loss
 
 
@@ -361,9 +387,9 @@ def _tvd(q, log_q, p, log_p, tmp, plan):
     torch.sub(q, p, out=tmp)
     loss = 0.5 * torch.abs(tmp, out=p).sum()
     if plan.need_grad:
-        tmp.sign_().mul_(q)
+        tmp.sign_().mul_(q)  # q s
         row = tmp.sum(1, keepdim=True)
-        q.mul_(row.neg_()).add_(tmp).mul_(0.5)
+        torch.mul(q, row.neg_(), out=log_q).add_(tmp).mul_(0.5)
     return loss
 
 
@@ -371,10 +397,6 @@ def _mixture(out, a, weight, b):
     """out = weight*a + (1-weight)*b, floored at the smallest normal so its log stays finite."""
     torch.mul(b, 1.0 - weight, out=out).add_(a, alpha=weight)
     return out.clamp_min_(torch.finfo(out.dtype).tiny)
-
-
-def _log_mixture(out, a, weight, b):
-    return _mixture(out, a, weight, b).log_()
 
 
 _DIVERGENCES: dict[str, Kernel] = {
@@ -387,10 +409,10 @@ _DIVERGENCES: dict[str, Kernel] = {
 }
 
 
-class _GradAccumulator:
+class GradAccumulator:
     """dX rows and the fp32 dW / db accumulators, fed one chunk gradient at a time."""
 
-    def __init__(self, problem: _Problem, plan: _Plan, chunk: int, zeros_only: bool = False):
+    def __init__(self, problem: Problem, plan: Plan, zeros_only: bool = False):
         self.problem, self.coef = problem, plan.grad_coef
         want_x, want_w, want_b = problem.wants_grad
         x, w = problem.student_x, problem.student_w
@@ -402,14 +424,11 @@ class _GradAccumulator:
         self.grad_w_low = self.low_buffer = None
         if zeros_only and self.grad_x is not None:
             self.grad_x.zero_()
-        if self.low_precision and not zeros_only:
-            if want_w:
-                self.grad_w_low = torch.empty(w.shape, dtype=w.dtype, device=device)
-            if not plan.use_teacher:  # otherwise the teacher-logits buffer is reused
-                self.low_buffer = torch.empty(chunk, w.shape[0], dtype=w.dtype, device=device)
+        if self.low_precision and want_w and not zeros_only:
+            self.grad_w_low = torch.empty(w.shape, dtype=w.dtype, device=device)
 
     def add_chunk(self, start: int, stop: int, grad: torch.Tensor, x: torch.Tensor, free: torch.Tensor | None) -> None:
-        """grad: [rows, V] block-math gradient; free: a [>=rows, V] buffer no longer needed."""
+        """grad: [rows, V] block gradient (times ``coef``); free: an fp32 [>=rows, V] buffer no longer needed."""
         w, vocab = self.problem.student_w, self.problem.student_w.shape[0]
         if self.grad_b is not None:
             self.grad_b[:vocab].add_(grad.sum(0), alpha=self.coef)
@@ -424,7 +443,9 @@ class _GradAccumulator:
         # bf16/fp16 head: the gradient was computed in fp32; downcast it (scaled) for the backward GEMMs.
         if free is not None:
             low = _reinterpret(free, grad.shape, w.dtype)
-        else:
+        else:  # no teacher buffer to reuse (CE only, or the compiled path)
+            if self.low_buffer is None or self.low_buffer.shape[0] < grad.shape[0]:
+                self.low_buffer = torch.empty(grad.shape, dtype=w.dtype, device=grad.device)
             low = self.low_buffer[: grad.shape[0]]
         torch.mul(grad, self.coef, out=low)
         if self.grad_x is not None:
