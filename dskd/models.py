@@ -98,14 +98,35 @@ def load_model(spec: ModelConfig, path: str | None = None, vocab_size: int | Non
     quant = _quantization_config(spec.quantization)
     if quant is not None:
         kwargs.update(quantization_config=quant, device_map="cuda" if torch.cuda.is_available() else "cpu")
+    auto = _auto_class(detect_arch(config))
     try:
-        return _auto_class(detect_arch(config)).from_pretrained(source, **kwargs)
+        model, info = auto.from_pretrained(source, output_loading_info=True, **kwargs)
     except (OSError, ValueError) as exc:
-        if attn == "flash_attention_2":
-            log.warning("flash-attn rejected (%s); falling back to sdpa", exc)
-            kwargs["attn_implementation"] = "sdpa"
-            return _auto_class(detect_arch(config)).from_pretrained(source, **kwargs)
-        raise
+        if attn != "flash_attention_2":
+            raise
+        log.warning("flash-attn rejected (%s); falling back to sdpa", exc)
+        kwargs["attn_implementation"] = "sdpa"
+        model, info = auto.from_pretrained(source, output_loading_info=True, **kwargs)
+    except RuntimeError as exc:
+        if "mismatched" not in str(exc):
+            raise
+        raise ConfigError(f"{source}: weights do not match the model's shapes; a `config` override probably "
+                          "changes the architecture of a pretrained model") from exc
+    _check_loading(info, source)
+    return model
+
+
+def _check_loading(info: dict, source: str) -> None:
+    """transformers re-initializes weights whose shape does not match, with only a log line: refuse instead."""
+    mismatched = info.get("mismatched_keys") or []
+    if mismatched:
+        shown = ", ".join(str(m[0] if isinstance(m, (tuple, list)) else m) for m in list(mismatched)[:5])
+        raise ConfigError(f"{source}: {len(mismatched)} weights do not match the model's shapes ({shown}); "
+                          "a `config` override probably changes the architecture of a pretrained model")
+    missing = info.get("missing_keys") or []
+    if missing:
+        log.warning("%s: %d weights missing from the checkpoint were randomly initialized: %s", source,
+                    len(missing), sorted(missing)[:5])
 
 
 def load_tokenizer(spec: ModelConfig, path: str | None = None):

@@ -123,3 +123,13 @@ def test_padded_vocab_rows_are_accepted_but_too_few_rows_rejected(tiny_tokenizer
     short = build("llama", tiny_tokenizer, vocab_size=len(tiny_tokenizer) - 5)
     with pytest.raises(ConfigError, match="rows"):
         check_vocab_rows(short, tiny_tokenizer, "student")
+
+
+def test_pretrained_load_refuses_shape_changing_overrides(tiny_tokenizer, tmp_path):
+    model = build("llama", tiny_tokenizer)
+    model.save_pretrained(tmp_path)
+    spec = ModelConfig(path=str(tmp_path), config={"hidden_size": 64, "intermediate_size": 128})
+    with pytest.raises(ConfigError, match="do not match"):
+        load_model(spec)
+    reloaded = load_model(ModelConfig(path=str(tmp_path)))
+    torch.testing.assert_close(reloaded.lm_head.weight, model.lm_head.weight)
