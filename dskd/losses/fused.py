@@ -82,13 +82,14 @@ class _FusedKDFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student_hidden, student_weight, student_bias, problem, runner):
         result = runner(problem)
-        ctx.grads = (result.grad_hidden, result.grad_weight, result.grad_bias)
+        # saved tensors are freed by backward (kept with retain_graph), unlike ctx attributes
+        ctx.save_for_backward(result.grad_hidden, result.grad_weight, result.grad_bias)
         ctx.mark_non_differentiable(result.kd, result.ce)
         return result.loss, result.kd, result.ce
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_kd, _grad_ce):
-        grads, ctx.grads = ctx.grads, None
+        grads = ctx.saved_tensors
         # A scalar upstream gradient is the only kind a scalar loss can receive; it just scales.
         scaled = [g if g is None else g * grad_loss.to(g.dtype) for g in grads]
         return (*scaled, None, None)
