@@ -5,6 +5,7 @@
     dskd distill  --config RECIPE [--resume auto]       train the student
     dskd evaluate --config RECIPE [...]                 ROUGE/BLEU + efficiency, teacher vs students
     dskd demo [--quick]                                 all of the above on the embedded docstring task
+    dskd serve-teacher --model DIR [--port P ...]       a local model as an OpenAI-compatible endpoint
 """
 
 from __future__ import annotations
@@ -41,8 +42,16 @@ def _parser() -> argparse.ArgumentParser:
         if stage in ("teacher", "distill"):
             p.add_argument("--resume", choices=["auto", "never"], default="never",
                            help="auto: continue from the latest complete checkpoint in the output dir")
+        if stage == "generate":
+            p.add_argument("--teacher-endpoint", metavar="URL",
+                           help="PTs from an OpenAI-compatible endpoint (sets generate.endpoint.url), e.g. "
+                                "http://127.0.0.1:8000/v1")
         p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
         p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="recipe overrides")
+    serve_help = "serve a local Hugging Face model as an OpenAI-compatible endpoint (black-box teacher)"
+    from dskd.serve import add_arguments as add_serve_arguments
+
+    add_serve_arguments(sub.add_parser("serve-teacher", help=serve_help, description=serve_help))
     return parser
 
 
@@ -76,6 +85,15 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
     _quiet_libraries(rank)
+    if args.stage == "serve-teacher":
+        from dskd.config import ConfigError
+        from dskd.serve import serve_main
+
+        try:
+            return serve_main(args)
+        except ConfigError as exc:
+            print(f"dskd: error: {exc}", file=sys.stderr)
+            return 2
 
     from dskd.config import ConfigError, load_recipe
     from dskd.distill import PREEMPTED_EXIT_CODE, Preempted, TrainingDiverged
@@ -83,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     overrides = list(args.overrides)
     if args.output_dir:
         overrides.append(f"run.output_dir={args.output_dir}")
+    if getattr(args, "teacher_endpoint", None):
+        overrides.append(f"generate.endpoint.url={args.teacher_endpoint}")
     try:
         if args.stage == "demo":
             from dskd.pipeline import demo_recipe, run_demo
