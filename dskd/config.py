@@ -133,12 +133,38 @@ class DecodingConfigModel(Strict):
     batch_size: int = Field(32, ge=1)
 
 
+class EndpointConfig(Strict):
+    """A black-box teacher behind an OpenAI-compatible endpoint (see dskd.blackbox). Setting it switches the
+    recipe to black-box mode: PTs come over HTTP, and distill.loss=kd trains on the endpoint's top-k log-probs."""
+
+    url: str  # base URL, e.g. http://127.0.0.1:8000/v1 or https://api.openai.com/v1
+    model: str | None = None  # None: the first model the endpoint lists
+    kind: Literal["completions", "chat"] = "completions"
+    api_key_env: str | None = None  # NAME of the environment variable holding the key (never the key itself)
+    prompt_template: str = "{input}"  # fields: {input} {id} {split}
+    few_shot: list[dict[str, str]] = []  # examples: the template's fields + "target"
+    few_shot_separator: str = "\n\n"
+    system_prompt: str | None = None  # chat only
+    stop: list[str] = []
+    top_logprobs: int | None = Field(None, ge=0, le=20)  # None: 5 when distill.loss=kd, else 0
+    concurrency: int = Field(8, ge=1)
+    max_retries: int = Field(5, ge=0)
+    backoff_s: float = Field(1.0, ge=0)
+    backoff_max_s: float = Field(30.0, ge=0)
+    timeout_s: float = Field(60.0, gt=0)
+    request_budget: int | None = Field(None, ge=1)  # HTTP requests this run may send (retries included)
+    cost_per_1k_prompt_tokens: float = Field(0.0, ge=0)
+    cost_per_1k_completion_tokens: float = Field(0.0, ge=0)
+    flush_every: int = Field(32, ge=1)  # finished inputs per PT shard
+
+
 class GenerateConfig(Strict):
     splits: list[Literal["labeled", "unlabeled"]] = ["labeled", "unlabeled"]
     decoding: DecodingConfigModel = DecodingConfigModel(
         strategy="sampling", num_return_sequences=8, top_p=0.95, temperature=1.0
     )
     output: Path | None = None  # default <output_dir>/pts
+    endpoint: EndpointConfig | None = None  # black-box teacher: PTs from an HTTP endpoint
 
 
 class DistillConfig(TrainConfig):
@@ -186,7 +212,35 @@ class Recipe(Strict):
         if self.distill.student_pt_ratio > 0 and self.distill.loss != "kd":
             raise ValueError("Joint-Teaching (distill.student_pt_ratio > 0) needs distill.loss=kd: the teacher must "
                              "score the student's samples")
+        if self.generate.endpoint is not None:
+            self._check_black_box()
         return self
+
+    def _check_black_box(self) -> None:
+        """generate.endpoint set: the teacher is remote, so only what its PTs and top-k log-probs define works."""
+        d, endpoint = self.distill, self.generate.endpoint
+        if self.generate.decoding.strategy == "beam":
+            raise ValueError("generate.endpoint: endpoints sample or decode greedily; set generate.decoding.strategy "
+                             "to sampling or greedy")
+        if self.student.init == "prune":
+            raise ValueError("student.init=prune needs a local teacher to prune; with generate.endpoint use "
+                             "student.init=config or pretrained")
+        if d.loss != "kd":
+            return
+        problems = []
+        if "gold" in d.sources:
+            problems.append("distill.sources includes gold (no teacher log-probs there): use [teacher_pt]")
+        if d.student_pt_ratio > 0:
+            problems.append("Joint-Teaching (distill.student_pt_ratio > 0) needs a local teacher to score samples")
+        if d.teacher_dropout:
+            problems.append("noisy KD (distill.teacher_dropout) needs a local teacher")
+        if d.divergence != "forward_kl" or d.temperature != 1.0:
+            problems.append("a top-k teacher defines forward_kl at temperature 1.0 only")
+        if endpoint.top_logprobs == 0:
+            problems.append("generate.endpoint.top_logprobs=0 gives no teacher log-probs (leave it unset or > 0)")
+        if problems:
+            raise ValueError("black-box logits KD (generate.endpoint set, distill.loss=kd): " + "; ".join(problems)
+                             + ". Or use distill.loss=ce (sequence-level KD on the endpoint's PTs).")
 
 
 # ---------------------------------------------------------------------------------------------- loading
