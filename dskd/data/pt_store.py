@@ -7,6 +7,9 @@ Layout of a store directory:
   pts.parquet        the merged dataset (rank 0, after every rank finished), sorted by id
 
 Columns: id, split ("labeled"/"unlabeled"), input, pts (K strings), pt_ids (K token-id lists ending in EOS).
+Optional sparse columns (black-box teachers, dskd.blackbox): pt_top_ids / pt_top_logprobs, per PT and per
+position of its pt_ids, the teacher's top-k student token ids and their log-probabilities. A store has both
+or neither.
 
 A restart skips the ids present in shards. Resuming into a store whose meta differs is refused: its PTs would
 silently mix two teachers or two decoding configs.
@@ -33,6 +36,11 @@ SCHEMA = pa.schema([
     ("input", pa.string()),
     ("pts", pa.list_(pa.string())),
     ("pt_ids", pa.list_(pa.list_(pa.int32()))),
+])
+SPARSE_SCHEMA = pa.schema([
+    *SCHEMA,
+    ("pt_top_ids", pa.list_(pa.list_(pa.list_(pa.int32())))),
+    ("pt_top_logprobs", pa.list_(pa.list_(pa.list_(pa.float32())))),
 ])
 REQUIRED_META = ("decoding", "seed", "teacher", "data_fingerprint")
 
@@ -118,7 +126,8 @@ class PTStore:
         for row in rows:
             if len(row["pts"]) != len(row["pt_ids"]):
                 raise ValueError(f"row {row['id']!r}: {len(row['pts'])} PT texts but {len(row['pt_ids'])} id lists")
-        table = pa.Table.from_pylist([{name: row[name] for name in SCHEMA.names} for row in rows], schema=SCHEMA)
+        schema = SPARSE_SCHEMA if "pt_top_ids" in rows[0] else SCHEMA
+        table = pa.Table.from_pylist([{name: row[name] for name in schema.names} for row in rows], schema=schema)
         self.shard_dir.mkdir(parents=True, exist_ok=True)
         path = self.shard_dir / f"rank{rank:05d}-{time.time_ns():020d}-{os.getpid()}.parquet"
         _atomic_write_bytes(path, lambda f: pq.write_table(table, f))
@@ -134,7 +143,8 @@ class PTStore:
         """
         shards = self._shards()
         tables = [pq.read_table(s) for s in shards]
-        table = pa.concat_tables(tables).cast(SCHEMA) if tables else SCHEMA.empty_table()
+        schema = SPARSE_SCHEMA if tables and "pt_top_ids" in tables[0].column_names else SCHEMA
+        table = pa.concat_tables(tables).cast(schema) if tables else SCHEMA.empty_table()
         table = self._drop_duplicates(table, shards)
         if expected_ids is not None:
             expected = set(expected_ids)
