@@ -29,7 +29,7 @@ Conventions (shared by every implementation):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 
@@ -76,8 +76,11 @@ class KDLossConfig:
         return t * t if self.t2_scaling else 1.0
 
 
-@dataclass
-class KDLossOutput:
+class KDLossOutput(NamedTuple):
+    """What kd_loss returns. A NamedTuple (not a dataclass) so that a module returning it from its
+    forward under ZeRO-3 still gets DeepSpeed's backward hooks on ``loss`` (DeepSpeed walks tuples,
+    lists and dicts only; without the hooks the registered head is not gathered for backward)."""
+
     loss: torch.Tensor  # scalar with graph: (kd_weight*KD_sum + ce_weight*CE_sum) / normalizer
     kd: torch.Tensor  # detached: KD_sum / normalizer (T^2 included when t2_scaling)
     ce: torch.Tensor  # detached: CE_sum / normalizer (NaN when no targets were given)

@@ -10,7 +10,10 @@ caller makes them whole once per micro-step (not once per chunk):
   DeepSpeed engine wraps and whose ``forward`` computes the hidden states and calls ``kd_loss``.
   DeepSpeed then gathers the weight for that forward and reduce-scatters the gradient that the loss
   returns for it in backward, exactly as for a weight the wrapper used itself. A tied head (the input
-  embedding) is handled the same way and receives both gradients.
+  embedding) is handled the same way and receives both gradients. (Recent DeepSpeed also discovers
+  a parameter read as a module attribute during forward; the explicit registration also covers a
+  reference taken outside forward and older versions.) The wrapper may return kd_loss's output
+  as is: it is a NamedTuple, so DeepSpeed attaches its backward hooks to ``loss``.
 
 The head weight passed to ``kd_loss`` must be the parameter itself (not ``.data`` or a copy), or the
 gradient has nowhere to go.
