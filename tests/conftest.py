@@ -117,3 +117,12 @@ def tiny_recipe(task_dir, out_dir, family: str = "t5", **sections) -> dict:
     for key, value in sections.items():
         recipe[key] = {**recipe.get(key, {}), **value}
     return recipe
+
+
+def launch_env(**extra: str) -> dict[str, str]:
+    """Environment for a child dskd process: without the rendezvous variables an in-process stage of this
+    test session exported (the child must not reuse the parent's port), single-threaded BLAS."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"}}
+    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", **extra)
+    return env

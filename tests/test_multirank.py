@@ -3,7 +3,6 @@ global batch, and its loss goes down."""
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import mlflow
 import pytest
 import yaml
 
-from tests.conftest import tiny_recipe
+from tests.conftest import launch_env, tiny_recipe
 
 
 def _losses(out_dir) -> list[float]:
@@ -29,7 +28,7 @@ def _free_port() -> int:
 
 
 def _launch(args: list[str], nproc: int, cwd) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
+    env = launch_env()
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_free_port()}",
            "-m", "dskd", *args] if nproc > 1 else [sys.executable, "-m", "dskd", *args]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
