@@ -58,8 +58,8 @@ dskd_run_ranks() {
     local step_pid rc=0 got_term=0
     # Bash runs traps only between commands, so the step runs in the background and we wait for it.
     # srun forwards SIGUSR1 to every rank; SIGTERM to srun would make it SIGKILL them, so never send it.
-    trap 'dskd_log "SIGUSR1: asking the ranks to checkpoint"; kill -USR1 "$step_pid" 2>/dev/null' USR1
-    trap 'got_term=1; dskd_log "SIGTERM: asking the ranks to checkpoint"; kill -USR1 "$step_pid" 2>/dev/null' TERM
+    trap 'dskd_log "SIGUSR1: asking the ranks to checkpoint"; kill -USR1 "$step_pid" 2>/dev/null || true' USR1
+    trap 'got_term=1; dskd_log "SIGTERM: asking the ranks to checkpoint"; kill -USR1 "$step_pid" 2>/dev/null || true' TERM
     # Exit 75 is a "bad exit" to srun: --kill-on-bad-exit=0 so it cannot cut off ranks still saving.
     # shellcheck disable=SC2016  # $SLURM_* expand in each task, not here
     srun --kill-on-bad-exit=0 bash -c \

@@ -22,6 +22,9 @@ import torch
 import torch.distributed as dist
 
 EXIT_REQUEUE = 75
+# What the templates set up for each rank; recorded so the tests can check it.
+REPORTED_ENV = ("MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS", "DS_ACCELERATOR", "CUDA_VISIBLE_DEVICES",
+                "TORCH_NCCL_ASYNC_ERROR_HANDLING", "NCCL_DEBUG")
 
 
 def parse_args():
@@ -35,6 +38,8 @@ def parse_args():
     settings = {"steps": 20, "step_seconds": 0.5}
     for item in args.overrides:
         key, _, value = item.partition("=")
+        if key not in settings:
+            parser.error(f"unknown setting {key!r}; valid: {', '.join(settings)}")
         settings[key] = type(settings[key])(value)
     return args, settings
 
@@ -70,8 +75,7 @@ def main():
                 "step": state["step"], "world_size": world_size,
                 "restart_count": int(os.environ.get("SLURM_RESTART_COUNT", 0)),
                 "job_id": os.environ.get("SLURM_JOB_ID"), "stage": args.stage,
-                "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-                "master_addr": os.environ["MASTER_ADDR"],
+                "env": {name: os.environ.get(name) for name in REPORTED_ENV},
             }) + "\n")
         (out / "ready").write_text(str(state["step"]))
     print(f"rank {rank}/{world_size}: starting at step {state['step']}", flush=True)
