@@ -22,6 +22,8 @@ STAGES = ("teacher", "generate", "distill", "evaluate", "demo")
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dskd", description="Knowledge distillation for text generation "
                                      "(logits KD, pseudo-targets, Joint-Teaching) on DeepSpeed.")
+    # The deepspeed launcher passes --local_rank=N before the stage; torch.distributed sets LOCAL_RANK instead.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
     helps = {"teacher": "fine-tune the teacher on the labeled set",
              "generate": "generate teacher pseudo-targets for labeled and unlabeled inputs",
@@ -46,7 +48,6 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--teacher-endpoint", metavar="URL",
                            help="PTs from an OpenAI-compatible endpoint (sets generate.endpoint.url), e.g. "
                                 "http://127.0.0.1:8000/v1")
-        p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
         p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="recipe overrides")
     serve_help = "serve a local Hugging Face model as an OpenAI-compatible endpoint (black-box teacher)"
     from dskd.serve import add_arguments as add_serve_arguments

@@ -57,11 +57,16 @@ def _teacher_from_disk(recipe: Recipe) -> bool:
 
 def run_generate(recipe: Recipe, *, parent_run_id: str | None = None, tracker: Tracker | None = None) -> Path:
     """K teacher pseudo-targets per labeled/unlabeled input, sharded over ranks, resumable."""
+    if recipe.generate.endpoint is not None:  # black-box teacher: PTs over HTTP (dskd.blackbox.generate)
+        from dskd.blackbox.generate import generate_from_endpoint
+
+        return generate_from_endpoint(recipe, parent_run_id=parent_run_id, tracker=tracker)
     dist = init_distributed(recipe.run.device, recipe.run.dist_timeout_minutes)
     check_data_paths(recipe)
     task = load_task(recipe, dist.is_main, needed=tuple(recipe.generate.splits))
     tokenizer = stage_tokenizer(recipe, task, "distill")
     t_path = teacher_model_path(recipe) if _teacher_from_disk(recipe) else None
+    torch.manual_seed(recipe.run.seed)  # a config-initialized teacher must be the same model on every rank
     teacher_hf = build_model(recipe.teacher, tokenizer, path=t_path)
     encoder = Encoder(tokenizer, _formatting(recipe, teacher_hf))
     decoding = DecodingConfig(**recipe.generate.decoding.model_dump())

@@ -60,3 +60,27 @@ def test_two_rank_zero3_student_and_teacher_match_one_rank(tiny_task, tmp_path):
     assert two[-1] < two[0] - 0.1, two
     for a, b in zip(one, two):
         assert b == pytest.approx(a, rel=2e-4, abs=1e-5), (one, two)
+
+
+@pytest.mark.slow
+def test_deepspeed_launcher_sharded_teacher_generates_the_same_pts_as_one_rank(tiny_task, tmp_path):
+    from dskd.config import load_recipe
+    from dskd.data.pt_store import PTStore
+    from dskd.pipeline import run_generate
+
+    base = tiny_recipe(tiny_task, tmp_path / "one", teacher={"finetune": False}, run={"dist_timeout_minutes": 3})
+    one = PTStore(run_generate(load_recipe(base=base))).load()
+
+    sharded = {**base, "run": {**base["run"], "output_dir": str(tmp_path / "two")},
+               "teacher": {**base["teacher"], "shard": True}}
+    path = tmp_path / "sharded.yaml"
+    path.write_text(yaml.safe_dump(sharded))
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), "--module", "dskd", "generate",
+           "--config", str(path)]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=launch_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    two = PTStore(tmp_path / "two" / "pts").load()
+    assert len(two) == len(one) == 80
+    assert two["id"] == one["id"] and two["pt_ids"] == one["pt_ids"]
+    shards = list((tmp_path / "two" / "pts" / "shards").glob("rank00001-*.parquet"))
+    assert shards, "rank 1 generated nothing: the inputs were not split across ranks"
