@@ -1,0 +1,331 @@
+"""`dskd generate` with generate.endpoint: pseudo-targets from an OpenAI-compatible endpoint, resumably.
+
+For every labeled/unlabeled input (labels are never sent): render the prompt template, ask for K samples
+(n, temperature, top_p, max_tokens, a per-input seed) and, for logits KD, the top-k log-probabilities; turn
+the texts into student targets and align the log-probs to the student's tokens (`dskd.blackbox.align`).
+
+Requests run on `concurrency` threads through one `EndpointClient` (retries, budget, counters). Finished
+inputs are buffered and written to the PT store as one shard every `flush_every` inputs, so a crash loses
+at most the buffer (those inputs are requested again), and a rerun skips every input already in a shard:
+nothing is lost and nothing doubles. Ctrl-C / SIGTERM / SIGUSR1 (Slurm's warning) flush the buffer first
+and exit with the requeue code. An endpoint that stays unreachable (or a used-up request budget) stops the
+run with the same guarantee; inputs the endpoint never answers usably are listed in `failures.json` in the
+store and retried by the next run. Tokens, requests and cost are logged to MLflow as they accrue.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dskd.blackbox.align import Aligner, AlignmentStats
+from dskd.blackbox.client import (
+    BudgetExhausted,
+    Completion,
+    EndpointClient,
+    EndpointUnavailable,
+    InputFailed,
+    SamplingParams,
+)
+from dskd.blackbox.prompts import PromptBuilder
+from dskd.config import ConfigError, EndpointConfig, Recipe
+from dskd.data.collate import Encoder, Formatting
+from dskd.data.pt_store import PTStore
+from dskd.tracking import Tracker
+
+FLUSH_SECONDS = 10.0  # a shard at least this often while results come in
+
+
+class EndpointGenerationStopped(RuntimeError):
+    """The endpoint stayed unreachable or the request budget ran out; every finished input is saved."""
+
+
+def top_logprobs_wanted(recipe: Recipe) -> int:
+    """Top-k log-probs to ask for: the recipe's value, else 5 when the student trains with logits KD."""
+    chosen = recipe.generate.endpoint.top_logprobs
+    if chosen is not None:
+        return chosen
+    return 5 if recipe.distill.loss == "kd" else 0
+
+
+def sampling_params(recipe: Recipe) -> SamplingParams:
+    decoding, endpoint = recipe.generate.decoding, recipe.generate.endpoint
+    greedy = decoding.strategy == "greedy"
+    return SamplingParams(n=decoding.num_return_sequences, temperature=0.0 if greedy else decoding.temperature,
+                          top_p=decoding.top_p, max_tokens=decoding.max_new_tokens, top_k=decoding.top_k,
+                          stop=tuple(endpoint.stop))
+
+
+def input_seed(seed: int, example_id: str) -> int:
+    """The seed sent with one input's request: fixed by (run seed, id), so a rerun asks the same question."""
+    return int.from_bytes(hashlib.sha256(f"dskd-endpoint:{seed}:{example_id}".encode()).digest()[:4], "big") >> 1
+
+
+def read_api_key(cfg: EndpointConfig) -> str | None:
+    if cfg.api_key_env is None:
+        return None
+    key = os.environ.get(cfg.api_key_env)
+    if not key:
+        raise ConfigError(f"generate.endpoint.api_key_env={cfg.api_key_env}: that environment variable is not set "
+                          "or empty; export the API key under that name")
+    return key
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items()), separators=(",", ":"))
+    return hashlib.sha256(vocab.encode()).hexdigest()[:16]
+
+
+@dataclass
+class Progress:
+    """What the run has done so far (main thread only)."""
+
+    written: int = 0
+    failures: dict[str, str] = field(default_factory=dict)
+    empty_pts: int = 0
+    alignment: AlignmentStats = field(default_factory=AlignmentStats)
+
+
+class EndpointGeneration:
+    """One generation run: requests on threads, post-processing and shard writes on the calling thread."""
+
+    def __init__(self, recipe: Recipe, client: EndpointClient, encoder: Encoder, store: PTStore,
+                 aligner: Aligner | None, tracker: Tracker):
+        self.recipe, self.client, self.encoder, self.store = recipe, client, encoder, store
+        self.cfg = recipe.generate.endpoint
+        self.prompts = PromptBuilder.from_config(self.cfg)
+        self.sampling = sampling_params(recipe)
+        self.top_logprobs = top_logprobs_wanted(recipe)
+        self.aligner = aligner
+        self.tracker = tracker
+        self.progress = Progress()
+        self._buffer: list[dict] = []
+        self._last_flush = time.monotonic()
+
+    def fetch(self, row: dict) -> Completion:
+        """Runs on a worker thread: one HTTP round trip (with retries)."""
+        return self.client.complete(self.prompts.render(row), self.sampling,
+                                    seed=input_seed(self.recipe.run.seed, row["id"]), top_logprobs=self.top_logprobs)
+
+    def store_row(self, row: dict, completion: Completion) -> dict:
+        texts = [sample.text.strip() for sample in completion.samples]
+        pt_ids = self.encoder.target_ids_batch(texts)
+        self.progress.empty_pts += sum(not text for text in texts)
+        out = {"id": row["id"], "split": row["split"], "input": row["input"], "pts": texts, "pt_ids": pt_ids}
+        if self.aligner is not None:
+            out["pt_top_ids"], out["pt_top_logprobs"] = [], []
+            for sample, ids in zip(completion.samples, pt_ids):
+                sparse, stats = self.aligner.align(sample.tokens or [], ids)
+                self.progress.alignment.add(stats)
+                out["pt_top_ids"].append(sparse.ids)
+                out["pt_top_logprobs"].append(sparse.logprobs)
+        return out
+
+    def flush(self, force: bool = False) -> None:
+        due = len(self._buffer) >= self.cfg.flush_every or time.monotonic() - self._last_flush > FLUSH_SECONDS
+        if self._buffer and (force or due):
+            self.store.write_shard(0, self._buffer)
+            self.progress.written += len(self._buffer)
+            self._buffer = []
+            self._last_flush = time.monotonic()
+            self.tracker.log_metrics(self.metrics(), step=self.progress.written)
+
+    def metrics(self) -> dict[str, float]:
+        usage = self.client.stats.snapshot()
+        cost = (usage["prompt_tokens"] * self.cfg.cost_per_1k_prompt_tokens
+                + usage["completion_tokens"] * self.cfg.cost_per_1k_completion_tokens) / 1000
+        out = {f"generate/{name}": value for name, value in usage.items()}
+        out.update({"generate/cost": cost, "generate/new_inputs": self.progress.written,
+                    "generate/failed_inputs": len(self.progress.failures),
+                    "generate/empty_pts": self.progress.empty_pts})
+        if self.aligner is not None:
+            out.update(self.progress.alignment.as_metrics())
+        return out
+
+    def run(self, rows: list[dict], bar) -> None:
+        """Fetch every row; stop early (saving what finished) when the endpoint is gone or the budget is spent."""
+        window = 2 * self.cfg.concurrency
+        todo = iter(rows)
+        in_flight: dict[Future, dict] = {}
+        stop: Exception | None = None
+        pool = ThreadPoolExecutor(self.cfg.concurrency, thread_name_prefix="dskd-endpoint")
+        try:
+            while True:
+                while stop is None and len(in_flight) < window:
+                    row = next(todo, None)
+                    if row is None:
+                        break
+                    in_flight[pool.submit(self.fetch, row)] = row
+                if not in_flight:
+                    break
+                done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+                for future in done:
+                    row = in_flight.pop(future)
+                    try:
+                        self._buffer.append(self.store_row(row, future.result()))
+                    except InputFailed as exc:
+                        self.progress.failures[row["id"]] = str(exc)
+                    except (EndpointUnavailable, BudgetExhausted) as exc:
+                        stop = stop or exc
+                    bar.update(1)
+                self.flush()
+        finally:
+            self.flush(force=True)
+            if stop is None and in_flight:  # interrupted: requests in flight are abandoned, not retried
+                self.client.cancel()
+            pool.shutdown(wait=stop is not None, cancel_futures=True)
+        if stop is not None:
+            raise EndpointGenerationStopped(str(stop))
+
+
+def _teacher_identity(client: EndpointClient) -> dict:
+    """Which teacher answers: the model id (asked from the endpoint when not configured) and a fingerprint
+    (the weights' fingerprint when the endpoint is dskd serve-teacher, else the model id)."""
+    models = client.list_models()
+    if client.model is None:
+        if not models:
+            raise ConfigError(f"{client.public_base} does not list its models: set generate.endpoint.model")
+        client.model = models[0]["id"]
+    entry = next((m for m in models or [] if m.get("id") == client.model), {})
+    fingerprint = entry.get("dskd_fingerprint") or f"endpoint-model:{client.model}"
+    return {"endpoint": client.public_base, "model": client.model, "fingerprint": fingerprint}
+
+
+def _store_meta(recipe: Recipe, teacher: dict, tokenizer, data_fingerprint: str) -> dict:
+    """What the PTs depend on; two runs may share a store only if all of it matches."""
+    cfg, sampling = recipe.generate.endpoint, sampling_params(recipe)
+    request = {"kind": cfg.kind, "n": sampling.n, "temperature": sampling.temperature, "top_p": sampling.top_p,
+               "top_k": sampling.top_k, "max_tokens": sampling.max_tokens, "stop": list(sampling.stop),
+               "top_logprobs": top_logprobs_wanted(recipe), "prompt_template": cfg.prompt_template,
+               "few_shot": cfg.few_shot, "few_shot_separator": cfg.few_shot_separator,
+               "system_prompt": cfg.system_prompt, "student_tokenizer": tokenizer_fingerprint(tokenizer),
+               "max_target_tokens": recipe.data.max_target_tokens}
+    return {"decoding": request, "seed": recipe.run.seed, "teacher": teacher, "data_fingerprint": data_fingerprint,
+            "num_return_sequences": sampling.n, "source": "endpoint"}
+
+
+class _StopSignal:
+    """SIGTERM / SIGUSR1 become a Python exception in the main thread, so the buffer is flushed first."""
+
+    def __enter__(self):
+        self._previous = {}
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            self._previous[sig] = signal.signal(sig, self._raise)
+        return self
+
+    @staticmethod
+    def _raise(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+def generate_from_endpoint(recipe: Recipe, *, parent_run_id: str | None = None, tracker: Tracker | None = None) -> Path:
+    """The `dskd generate` stage for generate.endpoint; returns the PT store directory."""
+    from tqdm.auto import tqdm
+
+    from dskd.blackbox.client import public_url
+    from dskd.data.task import check_data_paths, load_task
+    from dskd.distill import PREEMPTED_EXIT_CODE, Preempted, pt_store_dir, stage_tokenizer
+
+    cfg = recipe.generate.endpoint
+    store = PTStore(pt_store_dir(recipe))
+    if int(os.environ.get("RANK", "0")) != 0:  # HTTP concurrency, not ranks, parallelizes endpoint generation
+        return store.root
+    PromptBuilder.from_config(cfg)  # a bad template fails before anything loads or any request goes out
+    api_key = read_api_key(cfg)
+    check_data_paths(recipe)
+    task = load_task(recipe, True, needed=tuple(recipe.generate.splits))
+    tokenizer = stage_tokenizer(recipe, task, "distill")
+    d = recipe.data
+    encoder = Encoder(tokenizer, Formatting("seq2seq", d.max_input_tokens, d.max_target_tokens, d.causal_separator))
+    rows = [{"id": f"{split}:{r['id']}", "split": split, "input": r["input"]}
+            for split in recipe.generate.splits for r in task.require(split).select_columns(["id", "input"])]
+
+    client = EndpointClient(cfg, api_key)
+    teacher = _teacher_identity(client)
+    store.write_meta(_store_meta(recipe, teacher, tokenizer, task.fingerprint))
+    done = store.completed_ids()
+    pending = [r for r in rows if r["id"] not in done]
+    aligner = Aligner(tokenizer) if top_logprobs_wanted(recipe) else None
+
+    tracker = tracker or Tracker(recipe.tracking, recipe.run.output_dir)
+    tags = {"dskd.stage": "generate", "dskd.teacher": f"{teacher['model']} @ {teacher['endpoint']}",
+            "dskd.teacher_fingerprint": teacher["fingerprint"], "dskd.data_fingerprint": task.fingerprint,
+            "dskd.pt_dataset": str(store.root)}
+    with tracker.run("generate", parent_id=parent_run_id, tags=tags) as run:
+        params = {f"endpoint.{k}": v for k, v in _store_meta(recipe, teacher, tokenizer, "")["decoding"].items()}
+        params.update({"endpoint.url": public_url(cfg.url), "endpoint.model": teacher["model"],
+                       "endpoint.api_key_env": cfg.api_key_env, "endpoint.concurrency": cfg.concurrency,
+                       "endpoint.max_retries": cfg.max_retries, "endpoint.request_budget": cfg.request_budget,
+                       "generate.splits": recipe.generate.splits, "generate.inputs": len(rows)})
+        run.log_params(params)
+        job = EndpointGeneration(recipe, client, encoder, store, aligner, run)
+        start = time.perf_counter()
+        try:
+            with _StopSignal(), tqdm(total=len(rows), initial=len(rows) - len(pending), desc="PTs (endpoint)",
+                                     unit="ex", dynamic_ncols=True) as bar:
+                job.run(pending, bar)
+        except KeyboardInterrupt as exc:
+            _report_failures(store, job.progress.failures)
+            raise Preempted(f"generate: interrupted ({exc}); {len(done) + job.progress.written} of {len(rows)} inputs "
+                            f"are saved in {store.root}; rerun to continue (exit {PREEMPTED_EXIT_CODE})") from None
+        except EndpointGenerationStopped as exc:
+            _report_failures(store, job.progress.failures)
+            saved = len(done) + job.progress.written
+            raise EndpointGenerationStopped(
+                f"generate stopped: {exc}. {saved} of {len(rows)} inputs have PTs in {store.root} and are kept; "
+                "rerun `dskd generate` to continue (finished inputs are skipped)") from None
+        seconds = time.perf_counter() - start
+        _report_failures(store, job.progress.failures)
+        completed = store.completed_ids()
+        store.merge(expected_ids=[r["id"] for r in rows if r["id"] in completed])
+        metrics = {**job.metrics(), "generate/inputs": len(completed), "generate/resumed_inputs": len(done),
+                   "generate/pts": len(completed) * job.sampling.n, "generate/seconds": seconds,
+                   "generate/inputs_per_s": job.progress.written / seconds if seconds > 0 else 0.0, **task.metrics()}
+        run.log_metrics(metrics, step=job.progress.written)
+        run.log_artifact(store.meta_path)
+        if job.progress.failures:
+            run.log_artifact(store.root / "failures.json")
+    _print_summary(store, metrics, job, len(rows))
+    return store.root
+
+
+def _report_failures(store: PTStore, failures: dict[str, str]) -> None:
+    path = store.root / "failures.json"
+    if failures:
+        from dskd.checkpoint import atomic_write_text
+
+        atomic_write_text(path, json.dumps(failures, indent=2, sort_keys=True))
+    elif path.exists():
+        path.unlink()
+
+
+def _print_summary(store: PTStore, metrics: dict, job: EndpointGeneration, total: int) -> None:
+    m = metrics
+    line = (f"[dskd] generate (endpoint {job.client.public_base}, model {job.client.model}): "
+            f"{int(m['generate/inputs'])}/{total} inputs x {job.sampling.n} PTs in {store.root} "
+            f"({m['generate/seconds']:.0f}s); {int(m['generate/requests'])} requests "
+            f"({int(m['generate/retries'])} retries), {int(m['generate/prompt_tokens'])} prompt + "
+            f"{int(m['generate/completion_tokens'])} completion tokens, cost {m['generate/cost']:.4f}; "
+            f"empty PTs {int(m['generate/empty_pts'])}")
+    if job.aligner is not None:
+        line += (f"; aligned positions {m['generate/aligned_fraction']:.1%}, mean teacher tail mass "
+                 f"{m['generate/teacher_tail_mass_mean']:.3f}")
+    print(line)
+    failed = len(job.progress.failures)
+    if failed:
+        print(f"[dskd] generate: WARNING {failed} inputs failed (no usable answer; listed in "
+              f"{store.root / 'failures.json'}); the store holds the others. Rerun to retry the failed ones.")
