@@ -25,6 +25,7 @@ import torch
 import torch.distributed as torch_dist
 
 from dskd import checkpoint
+from dskd.blackbox.targets import SparseTrainingPool
 from dskd.config import ConfigError, Recipe, TrainConfig
 from dskd.data.collate import Encoder, Formatting, collate_training
 from dskd.data.pt_store import PTStore
@@ -69,10 +70,11 @@ class Phase:
     sources: list[str]
     loss: KDLossConfig
     student_pt_ratio: float = 0.0
+    sparse: bool = False  # black-box KD: the teacher's top-k log-probs come from the PT store (dskd.blackbox)
 
     @property
     def needs_teacher(self) -> bool:
-        return self.loss.kd_weight > 0
+        return self.loss.kd_weight > 0 and not self.sparse
 
 
 @dataclass
@@ -134,7 +136,8 @@ def stage_phases(recipe: Recipe, stage: Stage) -> tuple[TrainConfig, list[Phase]
         return train, [Phase("finetune", train.epochs, ["gold"], loss_config(train, ce_only=True))]
     d = recipe.distill
     phases = [Phase(d.loss, d.epochs, list(d.sources), loss_config(d, ce_only=False),
-                    d.student_pt_ratio if d.loss == "kd" else 0.0)]
+                    d.student_pt_ratio if d.loss == "kd" else 0.0,
+                    sparse=recipe.generate.endpoint is not None and d.loss == "kd")]
     if d.final_ce_epochs > 0:
         phases.append(Phase("final_ce", d.final_ce_epochs, ["gold"], loss_config(d, ce_only=True)))
     return d, phases
@@ -144,6 +147,8 @@ def stage_tokenizer(recipe: Recipe, task: TaskData, stage: Stage):
     """The embedded task ships its own tokenizer; otherwise each model's own, which must agree for KD."""
     if task.tokenizer_path is not None:
         return load_tokenizer(replace_tokenizer(recipe.teacher, str(task.tokenizer_path)))
+    if recipe.generate.endpoint is not None and stage == "distill":  # black-box teacher: the student's tokenizer
+        return load_tokenizer(recipe.student)
     if stage == "teacher":
         return load_tokenizer(recipe.teacher)
     return load_tokenizer(recipe.teacher, path=teacher_model_path(recipe))
@@ -276,7 +281,8 @@ def train_stage(recipe: Recipe, stage: Stage, *, resume: bool = False, force: bo
     arch = detect_arch(student_hf.config)
     encoder = Encoder(tokenizer, Formatting(arch, recipe.data.max_input_tokens, recipe.data.max_target_tokens,
                                             recipe.data.causal_separator))
-    pools = [TrainingPool(encoder, task.splits.get("labeled"), pts, p.sources) for p in phases]
+    pools = [(SparseTrainingPool if p.sparse else TrainingPool)(encoder, task.splits.get("labeled"), pts, p.sources)
+             for p in phases]
 
     # -- schedule and engines
     mbs, gas = train_cfg.micro_batch_size, train_cfg.grad_accum
@@ -345,6 +351,8 @@ def train_stage(recipe: Recipe, stage: Stage, *, resume: bool = False, force: bo
                             n_student += 1
                         batch = collate_training([(p.prompt, p.target) for p in pairs], arch,
                                                  tokenizer.pad_token_id, _decoder_start(model))
+                        if phase.sparse:  # the teacher's top-k targets, laid out like batch["targets"]
+                            batch.update(pool.sparse_batch(pairs, batch["target_mask"]))
                         batches.append(_to_device(batch, engine.device))
                     # 2. exact normalization: valid target tokens over all micro-batches and ranks
                     local_tokens = sum(int(b["target_mask"].sum()) for b in batches)
