@@ -113,6 +113,12 @@ class StudentWithLoss(torch.nn.Module):
 
         hidden = self.lm(batch)
         weight, bias = self.lm.head()
+        if "teacher_top_ids" in batch:  # black-box KD: the teacher's top-k targets came with the batch
+            from dskd.losses.sparse import sparse_kd_loss
+
+            return sparse_kd_loss(hidden, weight, batch["teacher_top_ids"], batch["teacher_top_probs"],
+                                  batch["targets"], batch["target_mask"], config=config, normalizer=normalizer,
+                                  student_bias=bias, vocab_size=self.vocab_size)
         return kd_loss(hidden, weight, teacher_hidden, teacher_head[0], batch["targets"], batch["target_mask"],
                        config=config, normalizer=normalizer, student_bias=bias, teacher_bias=teacher_head[1],
                        vocab_size=self.vocab_size)
