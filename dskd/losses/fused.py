@@ -5,15 +5,17 @@ Algorithm (one autograd Function; the gradient is computed during the forward pa
 1. Gather the valid rows (mask True) of both hidden states.
 2. For each chunk of ``chunk_size`` valid rows, write both heads' fp32 logits into two reused
    [chunk, V] buffers (teacher already divided by T).
-3. Walk the chunk in small row blocks that stay in the CPU cache, and per block compute with
-   in-place fp32 ops: log-softmax and softmax of both models, the divergence, the hard-label CE, and
-   the closed-form gradient dLoss/dz_student, written over the student logits.
+3. Walk the chunk in row blocks (on CPU small ones that stay in cache, on one thread; on GPU the
+   whole chunk), and per block compute with in-place fp32 ops: softmax, logsumexp and
+   log-probabilities of both models, the divergence, the hard-label CE, and the closed-form
+   gradient dLoss/dz_student, written over the student logits.
 4. dX_chunk = G @ W_s and dW_s += G^T @ X_chunk (fp32 accumulator; for bf16/fp16 heads, G is
    downcast into the free teacher buffer and the backward GEMMs run in the head's dtype).
 
-Working memory: two [chunk, V] buffers, four [block, V] scratch blocks, the fp32 dW accumulator
-and, for low-precision heads, one [V, H] gradient in the head's dtype. Under ``torch.no_grad()``
-(or when nothing needs a gradient) steps 3's gradient math and step 4 are skipped.
+Working memory: two [chunk, V] buffers, up to four [block, V] scratch blocks, the fp32 dW
+accumulator and, for low-precision heads, one [V, H] gradient in the head's dtype and a
+[16 MiB] slice of the head upcast to fp32. Under ``torch.no_grad()`` (or when nothing needs a
+gradient) step 3's gradient math and step 4 are skipped.
 
 Closed forms (z = logits/T, p teacher, q student; all derivatives are w.r.t. z):
 forward KL: q - p; reverse KL: q (d - sum q d), d = log q - log p; generalized JSD:
@@ -25,6 +27,7 @@ further 1/T (and T^2 when ``t2_scaling``).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
@@ -33,8 +36,8 @@ import torch
 if TYPE_CHECKING:
     from dskd.losses import KDLossConfig, KDLossOutput
 
-# Row blocks of about this many bytes per [block, V] buffer keep the six block buffers in cache.
-BLOCK_BYTES = 4 << 20
+# On CPU, row blocks of about this many bytes per [block, V] buffer keep the block buffers in cache.
+BLOCK_BYTES = 2 << 20
 # Vocabulary slice upcast at a time for a bf16/fp16 head (bounds the fp32 copy of its weight).
 UPCAST_SLICE_BYTES = 16 << 20
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -198,7 +201,8 @@ def run_chunks(problem: Problem) -> Result:
     n, compute, device = problem.rows.numel(), problem.compute, problem.student_x.device
     vocab = problem.student_w.shape[0]
     chunk = max(1, min(int(cfg.chunk_size), n))
-    block = max(1, min(chunk, BLOCK_BYTES // (vocab * torch.finfo(compute).bits // 8)))
+    on_cpu = device.type == "cpu"
+    block = max(1, min(chunk, BLOCK_BYTES // (vocab * torch.finfo(compute).bits // 8))) if on_cpu else chunk
     student_logits = torch.empty(chunk, vocab, dtype=compute, device=device)
     teacher_logits = torch.empty(chunk, vocab, dtype=compute, device=device) if plan.use_teacher else None
     n_scratch = 1 if not plan.use_teacher else 3 if plan.temperature == 1.0 or problem.targets is None else 4
@@ -217,21 +221,41 @@ def run_chunks(problem: Problem) -> Result:
         if plan.use_teacher:
             zt = teacher_logits[: stop - start]
             _logits_into(zt, problem.teacher_x[start:stop], problem.teacher_w, problem.teacher_b, 1.0 / plan.temperature)
-        for lo in range(0, stop - start, block):
-            hi = min(lo + block, stop - start)
-            tgt = None if problem.targets is None else problem.targets[start + lo: start + hi].unsqueeze(1)
-            kd, ce = _block_step(
-                zs[lo:hi], None if zt is None else zt[lo:hi], tgt,
-                [s[: hi - lo] for s in scratch], minus_ce[: hi - lo], plan,
-            )
-            if kd is not None:
-                kd_sum += kd
-            if ce is not None:
-                ce_sum += ce
+        with _single_threaded(on_cpu):
+            for lo in range(0, stop - start, block):
+                hi = min(lo + block, stop - start)
+                tgt = None if problem.targets is None else problem.targets[start + lo: start + hi].unsqueeze(1)
+                kd, ce = _block_step(
+                    zs[lo:hi], None if zt is None else zt[lo:hi], tgt,
+                    [s[: hi - lo] for s in scratch], minus_ce[: hi - lo], plan,
+                )
+                if kd is not None:
+                    kd_sum += kd
+                if ce is not None:
+                    ce_sum += ce
         if grads is not None:
             grads.add_chunk(start, stop, zs, x_chunk, free=teacher_logits)
 
     return finish(problem, plan, kd_sum, ce_sum, grads)
+
+
+@contextmanager
+def _single_threaded(enabled: bool):
+    """Run the block ops on one CPU thread.
+
+    Each block op is small and cache-resident, so its OpenMP fork/join barrier is what costs: on a
+    machine whose cores are shared, a barrier waits for a descheduled thread and the block math
+    slowed down 10-20x in our measurements. One thread is never more than ~2x slower here.
+    """
+    if not enabled:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def finish(problem: Problem, plan: Plan, kd_sum: torch.Tensor, ce_sum: torch.Tensor,
