@@ -73,9 +73,17 @@ def served_teacher(model_dir: Path, workdir: Path, *extra: str, env: dict | None
         log.close()
 
 
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):  # a client that timed out and left: expected here
+        pass
+
+
 class ScriptedEndpoint:
     """An HTTP stub that answers each POST with the next scripted reply: (status, body, headers) where body is a
-    dict (sent as JSON), bytes (sent raw: malformed/truncated JSON) or a callable(request_json) -> dict.
+    dict (sent as JSON), bytes (sent raw: malformed/truncated JSON) or a callable(request_json) -> body or
+    (status, body).
     GET /v1/models lists one model. Records every request (headers included) for assertions."""
 
     def __init__(self, replies=None, default=None):
@@ -100,6 +108,8 @@ class ScriptedEndpoint:
                 self.wfile.write(data)
 
             def do_GET(self):
+                with stub.lock:
+                    stub.requests.append({"path": self.path, "json": None, "headers": dict(self.headers)})
                 self._send(200, {"object": "list", "data": [{"id": "stub-model", "object": "model"}]})
 
             def do_POST(self):
@@ -110,11 +120,13 @@ class ScriptedEndpoint:
                 status, payload, headers = (reply + (None,))[:3] if len(reply) == 2 else reply
                 if callable(payload):
                     payload = payload(body)
+                    if isinstance(payload, tuple):
+                        status, payload = payload
                 self._send(status, payload, headers)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = _QuietServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
     def __enter__(self):
         self.thread.start()

@@ -14,10 +14,12 @@ import string
 from dataclasses import dataclass
 from typing import Iterable
 
+from dskd.config import ConfigError
+
 ROW_FIELDS = ("input", "id", "split")
 
 
-class TemplateError(ValueError):
+class TemplateError(ConfigError):
     """A prompt template or few-shot example that cannot be rendered; the message names the recipe key."""
 
 
