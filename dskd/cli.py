@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
 
     from dskd.config import ConfigError, load_recipe
+    from dskd.blackbox.generate import EndpointGenerationStopped
     from dskd.distill import PREEMPTED_EXIT_CODE, Preempted, TrainingDiverged
 
     overrides = list(args.overrides)
@@ -142,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as exc:
         print(f"dskd: error: {exc}", file=sys.stderr)
         return 3
+    except EndpointGenerationStopped as exc:  # endpoint unreachable / budget spent; finished PTs are saved
+        print(f"dskd: error: {exc}", file=sys.stderr)
+        return 4
     finally:
         from dskd.engines import shutdown_distributed
 
