@@ -15,17 +15,14 @@ dskd_log() { echo "[dskd-slurm $(date '+%F %T')] $*" >&2; }
 
 dskd_submit() {
     local template="$1"; shift
-    local output="%x-%j.out"
-    [[ -n "${ARRAY:-}" ]] && output="%x-%A_%a.out"
     local options=(
         --job-name="$JOB_NAME" --nodes="$NODES" --ntasks-per-node="$TASKS_PER_NODE"
         --cpus-per-task="$CPUS_PER_TASK" --time="$TIME_LIMIT" --signal="B:USR1@$SIGNAL_LEAD_S"
-        --requeue --open-mode=append --output="$LOG_DIR/$output"
+        --requeue --open-mode=append --output="$LOG_DIR/%x-%j.out"
     )
     (( GPUS_PER_NODE > 0 )) && options+=(--gpus-per-node="$GPUS_PER_NODE")
     [[ -n "${PARTITION:-}" ]] && options+=(--partition="$PARTITION")
     [[ -n "${ACCOUNT:-}" ]] && options+=(--account="$ACCOUNT")
-    [[ -n "${ARRAY:-}" ]] && options+=(--array="$ARRAY")
     # Word splitting is wanted here: EXTRA_SBATCH_ARGS holds several options, e.g. "--qos=high --exclusive".
     # shellcheck disable=SC2206
     options+=(${EXTRA_SBATCH_ARGS:-})
@@ -41,7 +38,8 @@ dskd_setup_distributed() {
     mapfile -t nodes < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
     # Always derived from this allocation: values inherited from the submitting shell would be wrong.
     export MASTER_ADDR="${nodes[0]}"
-    export MASTER_PORT="${DSKD_MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
+    # Below Linux's ephemeral range (32768+), different for jobs sharing a node.
+    export MASTER_PORT="${DSKD_MASTER_PORT:-$((10000 + SLURM_JOB_ID % 20000))}"
     export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"
     if [[ "${SLURM_GPUS_ON_NODE:-0}" == 0 ]]; then
         export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"   # CPU ranks talk over gloo
@@ -57,7 +55,7 @@ dskd_setup_distributed() {
 dskd_run_ranks() {
     local step_pid rc=0 got_term=0
     # Bash runs traps only between commands, so the step runs in the background and we wait for it.
-    # srun forwards SIGUSR1 to every rank; SIGTERM to srun would make it SIGKILL them, so never send it.
+    # srun forwards SIGUSR1 to every rank; it takes SIGTERM as "terminate the step", so never send it that.
     trap 'dskd_log "SIGUSR1: asking the ranks to checkpoint"; kill -USR1 "$step_pid" 2>/dev/null || true' USR1
     trap 'got_term=1; dskd_log "SIGTERM: asking the ranks to checkpoint"; kill -USR1 "$step_pid" 2>/dev/null || true' TERM
     # Exit 75 is a "bad exit" to srun: --kill-on-bad-exit=0 so it cannot cut off ranks still saving.
@@ -84,5 +82,9 @@ dskd_run_ranks() {
         return "$rc"
     fi
     dskd_log "checkpointed; requeueing job $SLURM_JOB_ID, it resumes from the checkpoint"
-    scontrol requeue "$SLURM_JOB_ID"
+    if ! scontrol requeue "$SLURM_JOB_ID"; then
+        dskd_log "Slurm refused the requeue (submitted with --no-requeue, or JobRequeue=0 on this cluster):" \
+            "submit the same command again to resume from the checkpoint"
+        return "$rc"
+    fi
 }
