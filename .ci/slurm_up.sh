@@ -8,6 +8,7 @@
 #   run/*.pid        daemon PIDs               (.ci/slurm_down.sh stops them by these)
 #   log/             slurmctld.log, slurmd.log, jobcomp.txt (finished jobs, a sacct stand-in)
 #   state/, spool/   slurmctld state, slurmd spool
+#   fake-gpus/       placeholder GPU device files (copies of /dev/null) behind the node's gres
 #   env.sh           `source` it to get SLURM_CONF in your shell
 # When /etc/slurm/slurm.conf does not exist it is made a symlink to ours, so plain `sinfo` works too.
 #
@@ -16,8 +17,8 @@
 #   DSKD_SLURM_CPUS   CPUs the node advertises; more than the real core count lets a small MLflow
 #                     server job run beside a 2-task job on a 2-core CI machine (max(real, 4))
 #   DSKD_SLURM_PORT   slurmctld port; slurmd uses the next one    (6817)
-#   DSKD_SLURM_FAKE_GPUS  GPUs the node advertises as a count-only gres, so that the templates'
-#                     GPU request path (--gpus-per-node) is schedulable here; no device is behind them (2)
+#   DSKD_SLURM_FAKE_GPUS  GPUs the node advertises (gres/gpu), so that the templates' GPU request path
+#                     (--gpus-per-node) is schedulable here; nothing can compute on them; 0 = none (2)
 set -euo pipefail
 
 SLURM_DIR="${DSKD_SLURM_DIR:-/tmp/dskd-slurm}"
@@ -84,9 +85,18 @@ make_fake_gpus() {  # make_fake_gpus N: sets FAKE_GPUS to how many device files 
     done
 }
 
+ensure_hostname_resolves() {
+    # Jobs use the node name as MASTER_ADDR (as on a real cluster); some containers cannot resolve their own name.
+    local host="$1"
+    getent hosts "$host" >/dev/null && return
+    log "$host does not resolve: adding '127.0.0.1 $host' to /etc/hosts"
+    echo "127.0.0.1 $host" >>/etc/hosts
+}
+
 write_config() {
     local host node_line real_cpus cpus memory
     host="$(hostname -s)"
+    ensure_hostname_resolves "$host"
     node_line="$(slurmd -C | head -1)"                         # NodeName=... CPUs=... RealMemory=...
     real_cpus="$(sed -n 's/.* CPUs=\([0-9]*\).*/\1/p' <<<"$node_line")"
     memory="$(sed -n 's/.* RealMemory=\([0-9]*\).*/\1/p' <<<"$node_line")"
