@@ -234,6 +234,22 @@ def test_bf16_large_logits_against_fp32_oracle(monkeypatch):
     assert bad > 3 * good, (bad, good)
 
 
+def test_autocast_does_not_round_the_logits():
+    """A bf16 autocast region around the loss (as some loops use) must not turn its GEMMs into bf16."""
+    batch = make_batch(dtype=torch.float32, vocab=500, hs=32, ht=32, logit_std=30.0)
+    for implementation in ("fused", "naive"):
+        config = KDLossConfig(temperature=2.0, ce_weight=0.5, chunk_size=8, implementation=implementation)
+        plain = run(batch, config)
+        hidden, weight = batch["student_hidden"], batch["student_weight"]
+        hidden.grad = weight.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # forward only: backward under autocast is unsupported
+            out = kd_loss(hidden, weight, batch["teacher_hidden"], batch["teacher_weight"], batch["targets"],
+                          batch["mask"], config=config)
+        out.loss.backward()
+        autocast = (out, {"student_hidden": hidden.grad, "student_weight": weight.grad})
+        assert_same(autocast, plain, rtol=1e-6, atol=1e-7, what=implementation)
+
+
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 

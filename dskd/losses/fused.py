@@ -71,11 +71,13 @@ def fused_kd_loss(
         student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
         targets, mask, config, normalizer, vocab_size, wants_grad if torch.is_grad_enabled() else [False] * 3,
     )
-    if any(problem.wants_grad):
-        loss, kd, ce = _FusedKDFunction.apply(student_hidden, student_weight, student_bias, problem, runner)
-    else:
-        result = runner(problem)
-        loss, kd, ce = result.loss, result.kd, result.ce
+    # autocast would run the logits GEMMs in bf16: exactly the rounding this loss exists to avoid
+    with torch.autocast(student_hidden.device.type, enabled=False):
+        if any(problem.wants_grad):
+            loss, kd, ce = _FusedKDFunction.apply(student_hidden, student_weight, student_bias, problem, runner)
+        else:
+            result = runner(problem)
+            loss, kd, ce = result.loss, result.kd, result.ce
     return KDLossOutput(loss=loss, kd=kd.detach(), ce=ce.detach(), num_tokens=problem.num_tokens)
 
 

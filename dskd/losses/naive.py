@@ -33,33 +33,34 @@ def naive_kd_loss(
 ) -> KDLossOutput:
     from dskd.losses import KDLossOutput
 
-    compute = _compute_dtype(student_hidden, student_weight, teacher_hidden, teacher_weight)
-    hidden = student_hidden[mask].to(compute)
-    student_logits = _logits(hidden, student_weight, student_bias, vocab_size, compute)
-    zero = student_logits.sum() * 0.0  # keeps the graph for an all-masked batch
+    with torch.autocast(student_hidden.device.type, enabled=False):  # fp32 logits, even under autocast
+        compute = _compute_dtype(student_hidden, student_weight, teacher_hidden, teacher_weight)
+        hidden = student_hidden[mask].to(compute)
+        student_logits = _logits(hidden, student_weight, student_bias, vocab_size, compute)
+        zero = student_logits.sum() * 0.0  # keeps the graph for an all-masked batch
 
-    kd_sum = zero
-    if config.kd_weight > 0:
-        with torch.no_grad():
-            teacher_logits = _logits(teacher_hidden[mask].to(compute), teacher_weight, teacher_bias, vocab_size, compute)
-        t = float(config.temperature)
-        log_q = F.log_softmax(student_logits / t, dim=-1)
-        log_p = F.log_softmax(teacher_logits / t, dim=-1)
-        kd_sum = divergence_sum(log_p, log_q, config) * config.kd_scale + zero
+        kd_sum = zero
+        if config.kd_weight > 0:
+            with torch.no_grad():
+                teacher_logits = _logits(teacher_hidden[mask].to(compute), teacher_weight, teacher_bias, vocab_size, compute)
+            t = float(config.temperature)
+            log_q = F.log_softmax(student_logits / t, dim=-1)
+            log_p = F.log_softmax(teacher_logits / t, dim=-1)
+            kd_sum = divergence_sum(log_p, log_q, config) * config.kd_scale + zero
 
-    ce_sum = torch.full((), math.nan, dtype=compute)
-    if targets is not None:
-        ce_sum = F.cross_entropy(student_logits, targets[mask], reduction="sum") + zero
+        ce_sum = torch.full((), math.nan, dtype=compute, device=hidden.device)
+        if targets is not None:
+            ce_sum = F.cross_entropy(student_logits, targets[mask], reduction="sum") + zero
 
-    loss = config.kd_weight * kd_sum / normalizer
-    if config.ce_weight > 0:
-        loss = loss + config.ce_weight * ce_sum / normalizer
-    return KDLossOutput(
-        loss=loss,
-        kd=(kd_sum / normalizer).detach(),
-        ce=(ce_sum / normalizer).detach(),
-        num_tokens=mask.sum().detach(),
-    )
+        loss = config.kd_weight * kd_sum / normalizer
+        if config.ce_weight > 0:
+            loss = loss + config.ce_weight * ce_sum / normalizer
+        return KDLossOutput(
+            loss=loss,
+            kd=(kd_sum / normalizer).detach(),
+            ce=(ce_sum / normalizer).detach(),
+            num_tokens=mask.sum().detach(),
+        )
 
 
 def divergence_sum(log_p: torch.Tensor, log_q: torch.Tensor, config: KDLossConfig) -> torch.Tensor:
