@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from dskd.config import ConfigError, load_recipe
     from dskd.blackbox.generate import EndpointGenerationStopped
-    from dskd.distill import PREEMPTED_EXIT_CODE, Preempted, TrainingDiverged
+    from dskd import preemption
+    from dskd.distill import TrainingDiverged
 
     overrides = list(args.overrides)
     if args.output_dir:
@@ -106,40 +107,14 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "teacher_endpoint", None):
         overrides.append(f"generate.endpoint.url={args.teacher_endpoint}")
     try:
-        if args.stage == "demo":
-            from dskd.pipeline import demo_recipe, run_demo
-
-            recipe = load_recipe(args.config, overrides) if args.config else demo_recipe(args.quick, overrides)
-            if args.print_recipe:
-                from dskd.config import to_yaml
-
-                print(to_yaml(recipe))
-                return 0
-            if args.force:
-                _clear_stage_markers(recipe)
-            run_demo(recipe)
-        else:
-            recipe = load_recipe(args.config, overrides)
-            if args.stage in ("teacher", "distill"):
-                from dskd.distill import train_stage
-
-                result = train_stage(recipe, args.stage, resume=args.resume == "auto", force=args.force)
-                if rank == 0 and not result.skipped:
-                    print(f"[dskd] {args.stage}: {result.steps} steps; model in {result.model_dir}")
-            elif args.stage == "generate":
-                from dskd.pipeline import run_generate
-
-                run_generate(recipe)
-            else:
-                from dskd.pipeline import run_evaluate
-
-                run_evaluate(recipe)
+        with preemption.handling():  # SIGUSR1/SIGTERM: stop at the next safe point, state saved, exit 75
+            return _dispatch(args, overrides, rank)
     except ConfigError as exc:
         print(f"dskd: error: {exc}", file=sys.stderr)
         return 2
-    except Preempted as exc:
+    except preemption.Preempted as exc:
         print(f"dskd: {exc}", file=sys.stderr)
-        return PREEMPTED_EXIT_CODE
+        return preemption.EXIT_CODE
     except TrainingDiverged as exc:
         print(f"dskd: error: {exc}", file=sys.stderr)
         return 3
@@ -153,6 +128,39 @@ def main(argv: list[str] | None = None) -> int:
             shutdown_distributed()
         except Exception:  # a broken group at exit must not mask the real error
             pass
+
+
+def _dispatch(args, overrides: list[str], rank: int) -> int:
+    from dskd.config import load_recipe
+
+    if args.stage == "demo":
+        from dskd.pipeline import demo_recipe, run_demo
+
+        recipe = load_recipe(args.config, overrides) if args.config else demo_recipe(args.quick, overrides)
+        if args.print_recipe:
+            from dskd.config import to_yaml
+
+            print(to_yaml(recipe))
+            return 0
+        if args.force:
+            _clear_stage_markers(recipe)
+        run_demo(recipe)
+    else:
+        recipe = load_recipe(args.config, overrides)
+        if args.stage in ("teacher", "distill"):
+            from dskd.distill import train_stage
+
+            result = train_stage(recipe, args.stage, resume=args.resume == "auto", force=args.force)
+            if rank == 0 and not result.skipped:
+                print(f"[dskd] {args.stage}: {result.steps} steps; model in {result.model_dir}")
+        elif args.stage == "generate":
+            from dskd.pipeline import run_generate
+
+            run_generate(recipe)
+        else:
+            from dskd.pipeline import run_evaluate
+
+            run_evaluate(recipe)
     return 0
 
 

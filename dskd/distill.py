@@ -14,7 +14,6 @@ import hashlib
 import json
 import logging
 import math
-import signal
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
@@ -24,7 +23,8 @@ from typing import Iterator, Literal
 import torch
 import torch.distributed as torch_dist
 
-from dskd import checkpoint
+from dskd import checkpoint, preemption
+from dskd.preemption import Preempted
 from dskd.blackbox.targets import SparseTrainingPool
 from dskd.config import ConfigError, Recipe, TrainConfig
 from dskd.data.collate import Encoder, Formatting, collate_training
@@ -52,15 +52,10 @@ from dskd.tracking import Tracker
 
 log = logging.getLogger(__name__)
 Stage = Literal["teacher", "distill"]
-PREEMPTED_EXIT_CODE = 75  # "checkpointed, requeue me" (Slurm templates requeue on it)
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN/inf; the last good state was checkpointed."""
-
-
-class Preempted(RuntimeError):
-    """SIGUSR1/SIGTERM arrived; a complete checkpoint was written. Exit with PREEMPTED_EXIT_CODE."""
 
 
 @dataclass
@@ -208,31 +203,15 @@ def micro_batches(pool: TrainingPool, seed: int, dist: DistInfo, mbs: int, start
 
 
 def all_reduce(t: torch.Tensor, op=torch_dist.ReduceOp.SUM) -> torch.Tensor:
+    """In place across ranks (a CPU tensor in and out; NCCL reduces on the GPU)."""
     if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
-        torch_dist.all_reduce(t, op=op)
+        if torch_dist.get_backend() == "nccl":
+            on_gpu = t.cuda()
+            torch_dist.all_reduce(on_gpu, op=op)
+            t.copy_(on_gpu.cpu())
+        else:
+            torch_dist.all_reduce(t, op=op)
     return t
-
-
-class PreemptionFlag:
-    """SIGUSR1 (Slurm's warning before the time limit) or SIGTERM (preemption) ask for a checkpoint."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = {}
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        log.warning("received signal %s: will checkpoint after this step and exit %d", signum, PREEMPTED_EXIT_CODE)
-        self.requested = True
-
-    def agreed(self) -> bool:
-        """Every rank must stop at the same step; any rank's signal counts."""
-        return bool(all_reduce(torch.tensor([int(self.requested)]), torch_dist.ReduceOp.MAX).item())
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -318,9 +297,8 @@ def train_stage(recipe: Recipe, stage: Stage, *, resume: bool = False, force: bo
     if pts is not None:
         tags["dskd.pt_dataset"] = str(pt_store_dir(recipe))
         tags["dskd.pt_meta"] = json.dumps(PTStore(pt_store_dir(recipe)).read_meta().get("teacher", {}))[:5000]
-    preempt = PreemptionFlag()
     losses: list[float] = list(position["losses"])
-    try:
+    with preemption.handling():
         with tracker.run(run_name, parent_id=parent_run_id, run_id=position["run_id"], tags=tags) as run:
             if position["run_id"] is None:
                 run.log_recipe(recipe)
@@ -399,7 +377,7 @@ def train_stage(recipe: Recipe, stage: Stage, *, resume: bool = False, force: bo
                     position_now = _client_state(position, phase_index, last_micro, step, losses)
                     if _eval_due(train_cfg, step, per_epoch[phase_index], phase_start_step):
                         run.log_metrics(_dev_metrics(model, encoder, task, train_cfg, zero3_multi), step=step)
-                    if preempt.agreed():
+                    if preemption.agreed():
                         checkpoint.save(engine, ckpt_dir, step, position_now, is_main=dist.is_main)
                         raise Preempted(f"{stage}: checkpointed at step {step} in {ckpt_dir}; resume with --resume auto")
                     if train_cfg.save_every and step % train_cfg.save_every == 0:
@@ -419,8 +397,6 @@ def train_stage(recipe: Recipe, stage: Stage, *, resume: bool = False, force: bo
                 run.set_tags({"dskd.model_dir": str(model_dir)})
             if torch_dist.is_initialized():
                 torch_dist.barrier()
-    finally:
-        preempt.restore()
     return StageResult(model_dir, position["run_id"], step, losses, final)
 
 

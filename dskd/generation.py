@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
+from dskd.preemption import Preempted
 from dskd.data.collate import Encoder, collate_prompts
 
 if TYPE_CHECKING:
@@ -166,10 +167,12 @@ def _agreed_batch_count(local: int, synced_gpus: bool) -> int:
 
 
 def _run_batches(model, encoder: Encoder, config: GenerationConfig, jobs: Sequence[tuple[list[list[int]], int | None]],
-                 handle: Callable[[int, list[list[list[int]]]], None], *, synced_gpus: bool, bar: tqdm) -> None:
+                 handle: Callable[[int, list[list[list[int]]]], None], *, synced_gpus: bool, bar: tqdm,
+                 stop: Callable[[], bool] | None = None) -> None:
     """Generate each (prompts, seed) job in eval mode and pass its outputs to `handle(job_index, outputs)`;
     restore the model's mode after. Under synced_gpus the ranks first agree on a job count, and a rank with
-    fewer jobs runs dummy batches whose outputs are dropped."""
+    fewer jobs runs dummy batches whose outputs are dropped. `stop` is asked after every batch on every rank
+    (so it may be a collective) and raises Preempted when it says yes: finished batches are kept."""
     total = _agreed_batch_count(len(jobs), synced_gpus)
     dummy = ([encoder.prompt_ids("")], None)
     was_training = model.training
@@ -181,6 +184,9 @@ def _run_batches(model, encoder: Encoder, config: GenerationConfig, jobs: Sequen
             if index < len(jobs):
                 handle(index, outputs)
                 bar.update(len(prompts))
+            if stop is not None and stop():
+                raise Preempted(f"generation stopped on request after {min(index + 1, len(jobs))} of {len(jobs)} "
+                                "batches; finished batches are saved, rerun the same command to continue")
     finally:
         model.train(was_training)
 
@@ -222,7 +228,7 @@ def sample_student_targets(model, encoder: Encoder, prompts: Sequence[list[int]]
 
 def generate_pseudo_targets(model, encoder: Encoder, rows: "datasets.Dataset", decoding: DecodingConfig,
                             store: "PTStore", *, rank: int = 0, world_size: int = 1, synced_gpus: bool = False,
-                            seed: int = 0, progress: bool = True) -> None:
+                            seed: int = 0, progress: bool = True, stop: Callable[[], bool] | None = None) -> None:
     """Write K PTs per row into `store`, one shard per batch, skipping ids a previous run completed.
 
     Batches are fixed over the whole of `rows` (global batch b = rows[b*B:(b+1)*B], owned by rank b % world_size)
@@ -257,7 +263,7 @@ def generate_pseudo_targets(model, encoder: Encoder, rows: "datasets.Dataset", d
 
     with tqdm(total=sum(len(span) for _, span in pending), desc=f"PTs rank {rank}", unit="ex",
               disable=not (progress and rank == 0)) as bar:
-        _run_batches(model, encoder, config, jobs, save, synced_gpus=synced_gpus, bar=bar)
+        _run_batches(model, encoder, config, jobs, save, synced_gpus=synced_gpus, bar=bar, stop=stop)
     _merge_when_all_done(store, rank, world_size, ids)
 
 

@@ -16,6 +16,7 @@ import datasets
 import torch
 import torch.distributed as torch_dist
 
+from dskd import preemption
 from dskd.config import Recipe, load_recipe
 from dskd.data.collate import Encoder, Formatting
 from dskd.data.pt_store import PTStore, weights_fingerprint
@@ -94,8 +95,10 @@ def run_generate(recipe: Recipe, *, parent_run_id: str | None = None, tracker: T
         start = time.perf_counter()
         already = len(store.completed_ids())
         zero3_multi = recipe.teacher.shard and dist.world_size > 1
-        generate_pseudo_targets(model, encoder, rows, decoding, store, rank=dist.rank, world_size=dist.world_size,
-                                synced_gpus=zero3_multi, seed=recipe.run.seed, progress=True)
+        with preemption.handling():
+            generate_pseudo_targets(model, encoder, rows, decoding, store, rank=dist.rank,
+                                    world_size=dist.world_size, synced_gpus=zero3_multi, seed=recipe.run.seed,
+                                    progress=True, stop=preemption.agreed)
         seconds = time.perf_counter() - start
         if dist.is_main:
             pts = store.load()

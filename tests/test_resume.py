@@ -74,3 +74,33 @@ def test_sigkill_then_resume_reproduces_uninterrupted_losses(tiny_task, tmp_path
     assert sorted(values) == sorted(reference)
     for step, seen in values.items():  # steps logged before and after the kill must agree exactly
         assert seen == reference[step], (step, seen, reference[step], sorted(values.items()), sorted(reference.items()))
+
+
+@pytest.mark.slow
+def test_usr1_during_generation_exits_75_and_rerun_completes_without_loss_or_duplicates(tiny_task, tmp_path):
+    from dskd.data.pt_store import PTStore
+
+    base = tiny_recipe(tiny_task, tmp_path / "straight", teacher={"finetune": False},
+                       generate={"decoding": {"strategy": "sampling", "num_return_sequences": 2, "top_p": 0.95,
+                                              "max_new_tokens": 12, "batch_size": 4}})
+    reference = PTStore(run_generate(load_recipe(base=base))).load()
+
+    recipe = {**base, "run": {**base["run"], "output_dir": str(tmp_path / "signalled")}}
+    path = tmp_path / "signalled.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    cmd = [sys.executable, "-m", "dskd", "generate", "--config", str(path)]
+    proc = subprocess.Popen(cmd, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    shards = tmp_path / "signalled" / "pts" / "shards"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not list(shards.glob("rank*.parquet")):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGUSR1)
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 75, out[-3000:]
+    store = PTStore(tmp_path / "signalled" / "pts")
+    assert not store.is_complete() and 0 < len(store.completed_ids()) < len(reference)
+
+    rerun = subprocess.run(cmd, env=launch_env(), capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    resumed = store.load()
+    assert resumed["id"] == reference["id"] and resumed["pt_ids"] == reference["pt_ids"]
