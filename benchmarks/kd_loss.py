@@ -22,6 +22,7 @@ with `pip install --no-deps liger-kernel`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -72,9 +73,11 @@ def make_inputs(shape: Shape, seed: int = 0) -> dict:
     }
 
 
-def dskd_candidate(implementation: str):
+def dskd_candidate(implementation: str, chunk_size: int | None = None):
     config = KDLossConfig(divergence="forward_kl", temperature=1.0, t2_scaling=False, kd_weight=KD_WEIGHT,
                           ce_weight=CE_WEIGHT, implementation=implementation)
+    if chunk_size:
+        config = dataclasses.replace(config, chunk_size=chunk_size)
 
     def step(x: dict) -> float:
         mask = torch.ones_like(x["targets"], dtype=torch.bool)
@@ -103,9 +106,16 @@ def liger_candidate():
     return step
 
 
-def candidates() -> dict:
+def candidates(chunk_sizes: tuple[int, ...] = ()) -> dict:
+    """name -> step; with chunk_sizes, only the fused loss at each chunk size ("fused@512", ...)."""
+    if chunk_sizes:
+        return {f"fused@{c}": dskd_candidate("fused", c) for c in chunk_sizes}
     found = {"naive": dskd_candidate("naive"), "fused": dskd_candidate("fused"), "liger": liger_candidate()}
     return {name: step for name, step in found.items() if step is not None}
+
+
+def _chunk_of(name: str) -> tuple[int, ...]:
+    return (int(name.split("@")[1]),) if "@" in name else ()
 
 
 def gemm_floor_steps(x: dict) -> dict:
@@ -136,7 +146,7 @@ def _status_kib(field: str) -> int:
 
 def memory_worker(shape_key: str, name: str) -> None:
     x = make_inputs(SHAPES[shape_key])
-    step = candidates()[name]
+    step = candidates(_chunk_of(name))[name]
     before = _status_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
     loss = step(x)
@@ -154,9 +164,9 @@ def measure_memory(shape_key: str, name: str) -> dict:
 
 # ---------------------------------------------------------------- time (interleaved, one process)
 
-def measure_times(shape_key: str, repeats: int) -> tuple[dict, dict, dict]:
+def measure_times(shape_key: str, repeats: int, chunk_sizes: tuple[int, ...] = ()) -> tuple[dict, dict, dict]:
     x = make_inputs(SHAPES[shape_key])
-    steps = candidates()
+    steps = candidates(chunk_sizes)
     floor = gemm_floor_steps(x)
     runs: dict[str, list[float]] = {name: [] for name in [*steps, *floor]}
     losses = {}
@@ -211,6 +221,18 @@ def bench_shape(shape_key: str, repeats: int) -> dict:
     }
 
 
+def sweep_chunks(shape_key: str, repeats: int, chunk_sizes: tuple[int, ...]) -> None:
+    """Fused time and peak memory per chunk size (how the default chunk_size was picked)."""
+    print(f"\n== chunk sweep on {shape_key} (fused only)", flush=True)
+    times, _, runs = measure_times(shape_key, repeats, chunk_sizes)
+    floor = times["teacher_fwd"] + times["student_fwd"] + times["student_bwd"]
+    for c in chunk_sizes:
+        name = f"fused@{c}"
+        mem = measure_memory(shape_key, name)["peak_delta_bytes"]
+        print(f"chunk {c:5d}: {times[name]:7.3f} s ({times[name] / floor:.3f}x GEMM floor {floor:.3f} s)"
+              f"  peak {mem / 2**20:8.1f} MiB   runs {' '.join(f'{t:.2f}' for t in runs[name])}", flush=True)
+
+
 def _fmt(value) -> str:
     return "-" if value is None else f"{value:.3f}"
 
@@ -219,10 +241,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default="fp32,bf16", help="comma list of: " + ",".join(SHAPES))
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--chunk-sweep", default="", help="e.g. 256,512,1024,2048: time fused per chunk size instead")
     parser.add_argument("--memory-worker", nargs=2, metavar=("SHAPE", "CANDIDATE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_worker:
         memory_worker(*args.memory_worker)
+        return
+    if args.chunk_sweep:
+        chunk_sizes = tuple(int(c) for c in args.chunk_sweep.split(","))
+        for key in args.shapes.split(","):
+            sweep_chunks(key, args.repeats, chunk_sizes)
         return
     results = {key: bench_shape(key, args.repeats) for key in args.shapes.split(",")}
     headline = results.get("fp32") or next(iter(results.values()))
