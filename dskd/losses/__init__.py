@@ -108,6 +108,9 @@ def kd_loss(
     when kd_weight == 0, weights [V, H] (ZeRO-3 parameters must be gathered by the caller, see
     :func:`gathered` / :func:`register_head_for_loss`), biases [V] or [1, V]. Both heads are sliced
     to ``vocab_size`` (default: the smaller head), so padding rows never enter a softmax.
+    ``normalizer``: float or 0-d tensor, the global valid-token count (default: the local count).
+    Under ``torch.no_grad()`` no gradient work is done. The returned ``loss`` accepts only a scalar
+    upstream gradient (any scale), because its gradient is computed during this call.
     """
     vocab = _validated(
         student_hidden, student_weight, teacher_hidden, teacher_weight, targets, mask,
