@@ -39,6 +39,7 @@ def write_teacher(directory: Path, tokenizer, arch: str = "seq2seq", seed: int =
             for token_id in range(len(tokenizer)):
                 piece = piece_in_context(tokenizer, token_id, anchor)
                 printable = bool(piece) and all(32 <= ord(c) < 127 for c in piece)
+                printable = printable and token_id not in tokenizer.all_special_ids
                 model.final_logits_bias[0, token_id] = (1.5 if len(piece) > 1 else 0.0) if printable else -30.0
             model.final_logits_bias[0, tokenizer.eos_token_id] = 3.5
     directory.mkdir(parents=True, exist_ok=True)

@@ -7,8 +7,8 @@ the texts into student targets and align the log-probs to the student's tokens (
 Requests run on `concurrency` threads through one `EndpointClient` (retries, budget, counters). Finished
 inputs are buffered and written to the PT store as one shard every `flush_every` inputs, so a crash loses
 at most the buffer (those inputs are requested again), and a rerun skips every input already in a shard:
-nothing is lost and nothing doubles. Ctrl-C / SIGTERM / SIGUSR1 (Slurm's warning) flush the buffer first
-and exit with the requeue code. An endpoint that stays unreachable (or a used-up request budget) stops the
+nothing is lost and nothing doubles. SIGTERM / SIGUSR1 (Slurm's warning; `dskd.preemption`) stop the loop at
+its next turn, flush the buffer and exit with the requeue code; Ctrl-C flushes it too. An endpoint that stays unreachable (or a used-up request budget) stops the
 run with the same guarantee; inputs the endpoint never answers usably are listed in `failures.json` in the
 store and retried by the next run. Tokens, requests and cost are logged to MLflow as they accrue.
 """
@@ -18,8 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
-import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -34,6 +32,7 @@ from dskd.blackbox.client import (
     InputFailed,
     SamplingParams,
 )
+from dskd import preemption
 from dskd.blackbox.prompts import PromptBuilder
 from dskd.config import ConfigError, EndpointConfig, Recipe
 from dskd.data.collate import Encoder, Formatting
@@ -41,6 +40,7 @@ from dskd.data.pt_store import PTStore
 from dskd.tracking import Tracker
 
 FLUSH_SECONDS = 10.0  # a shard at least this often while results come in
+WAKE_S = 0.25  # the main loop looks for a stop request at least this often
 
 
 class EndpointGenerationStopped(RuntimeError):
@@ -150,7 +150,8 @@ class EndpointGeneration:
         return out
 
     def run(self, rows: list[dict], bar) -> None:
-        """Fetch every row; stop early (saving what finished) when the endpoint is gone or the budget is spent."""
+        """Fetch every row; stop early (saving what finished) on a stop signal, when the endpoint is gone or when
+        the budget is spent."""
         window = 2 * self.cfg.concurrency
         todo = iter(rows)
         in_flight: dict[Future, dict] = {}
@@ -165,7 +166,7 @@ class EndpointGeneration:
                     in_flight[pool.submit(self.fetch, row)] = row
                 if not in_flight:
                     break
-                done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+                done, _ = wait(in_flight, timeout=WAKE_S, return_when=FIRST_COMPLETED)
                 for future in done:
                     row = in_flight.pop(future)
                     try:
@@ -176,6 +177,8 @@ class EndpointGeneration:
                         stop = stop or exc
                     bar.update(1)
                 self.flush()
+                if preemption.agreed():  # SIGTERM / SIGUSR1: stop here, everything finished is saved below
+                    raise preemption.Preempted("a stop signal arrived")
         finally:
             self.flush(force=True)
             if stop is None and in_flight:  # interrupted: requests in flight are abandoned, not retried
@@ -211,34 +214,13 @@ def _store_meta(recipe: Recipe, teacher: dict, tokenizer, data_fingerprint: str)
             "num_return_sequences": sampling.n, "source": "endpoint"}
 
 
-class _StopSignal:
-    """SIGTERM / SIGUSR1 become a Python exception in the main thread, so the buffer is flushed first."""
-
-    def __enter__(self):
-        self._previous = {}
-        if threading.current_thread() is not threading.main_thread():
-            return self
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            self._previous[sig] = signal.signal(sig, self._raise)
-        return self
-
-    @staticmethod
-    def _raise(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        return False
-
-
 def generate_from_endpoint(recipe: Recipe, *, parent_run_id: str | None = None, tracker: Tracker | None = None) -> Path:
     """The `dskd generate` stage for generate.endpoint; returns the PT store directory."""
     from tqdm.auto import tqdm
 
     from dskd.blackbox.client import public_url
     from dskd.data.task import check_data_paths, load_task
-    from dskd.distill import PREEMPTED_EXIT_CODE, Preempted, pt_store_dir, stage_tokenizer
+    from dskd.distill import pt_store_dir, stage_tokenizer
 
     cfg = recipe.generate.endpoint
     store = PTStore(pt_store_dir(recipe))
@@ -275,13 +257,14 @@ def generate_from_endpoint(recipe: Recipe, *, parent_run_id: str | None = None, 
         job = EndpointGeneration(recipe, client, encoder, store, aligner, run)
         start = time.perf_counter()
         try:
-            with _StopSignal(), tqdm(total=len(rows), initial=len(rows) - len(pending), desc="PTs (endpoint)",
-                                     unit="ex", dynamic_ncols=True) as bar:
+            with preemption.handling(), tqdm(total=len(rows), initial=len(rows) - len(pending),
+                                             desc="PTs (endpoint)", unit="ex", dynamic_ncols=True) as bar:
                 job.run(pending, bar)
-        except KeyboardInterrupt as exc:
+        except preemption.Preempted:
             _report_failures(store, job.progress.failures)
-            raise Preempted(f"generate: interrupted ({exc}); {len(done) + job.progress.written} of {len(rows)} inputs "
-                            f"are saved in {store.root}; rerun to continue (exit {PREEMPTED_EXIT_CODE})") from None
+            raise preemption.Preempted(
+                f"generate: stopped by a signal; {len(done) + job.progress.written} of {len(rows)} inputs are saved "
+                f"in {store.root}; rerun to continue (exit {preemption.EXIT_CODE})") from None
         except EndpointGenerationStopped as exc:
             _report_failures(store, job.progress.failures)
             saved = len(done) + job.progress.written
