@@ -7,10 +7,13 @@ ranks (optionally offloaded to CPU) and gathers them layer by layer during forwa
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import math
 import os
 import socket
+from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -18,6 +21,8 @@ from pathlib import Path
 import torch
 
 from dskd.config import ConfigError, TeacherConfig, TrainConfig
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -162,14 +167,26 @@ def create_student_engine(module: torch.nn.Module, train: TrainConfig, total_ste
     if not train.offload_optimizer:
         optimizer = torch.optim.AdamW(_param_groups(module, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps)
     schedule = lr_lambda(o.warmup_steps, total_steps, o.schedule)
-    engine, _, _, _ = deepspeed.initialize(
-        model=module,
-        optimizer=optimizer,
-        model_parameters=None if optimizer is not None else _param_groups(module, o.weight_decay),
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
-        config=config,
-    )
+    with _captured_stdout():
+        engine, _, _, _ = deepspeed.initialize(
+            model=module,
+            optimizer=optimizer,
+            model_parameters=None if optimizer is not None else _param_groups(module, o.weight_decay),
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+            config=config,
+        )
     return engine
+
+
+@contextmanager
+def _captured_stdout():
+    """DeepSpeed prints memory reports during initialize (force=True in its bf16 optimizer): keep them in the
+    debug log instead of the user's terminal."""
+    buffer = io.StringIO()
+    with redirect_stdout(buffer):
+        yield
+    if buffer.getvalue().strip():
+        log.debug("deepspeed.initialize printed:\n%s", buffer.getvalue())
 
 
 def create_teacher_engine(module: torch.nn.Module, teacher: TeacherConfig, micro_batch_size: int, dist: DistInfo):
@@ -180,7 +197,8 @@ def create_teacher_engine(module: torch.nn.Module, teacher: TeacherConfig, micro
         return module.eval()
     import deepspeed
 
-    engine, _, _, _ = deepspeed.initialize(model=module, config=teacher_ds_config(teacher, micro_batch_size))
+    with _captured_stdout():
+        engine, _, _, _ = deepspeed.initialize(model=module, config=teacher_ds_config(teacher, micro_batch_size))
     engine.eval()
     return engine
 
