@@ -51,7 +51,7 @@ def recipe_for(task_dir, out_dir, url, tracking=False, **endpoint):
 
 
 def shard_ids(store: PTStore) -> list[str]:
-    return [i for shard in sorted(store.shard_dir.glob("*.parquet"))
+    return [i for shard in sorted(store.shard_dir.glob("rank*.parquet"))
             for i in pq.read_table(shard, columns=["id"]).column("id").to_pylist()]
 
 
