@@ -137,7 +137,7 @@ class EndpointConfig(Strict):
     """A black-box teacher behind an OpenAI-compatible endpoint (see dskd.blackbox). Setting it switches the
     recipe to black-box mode: PTs come over HTTP, and distill.loss=kd trains on the endpoint's top-k log-probs."""
 
-    url: str  # base URL, e.g. http://127.0.0.1:8000/v1 or https://api.openai.com/v1
+    url: str | None = None  # base URL, e.g. http://127.0.0.1:8000/v1 (or `dskd generate --teacher-endpoint URL`)
     model: str | None = None  # None: the first model the endpoint lists
     kind: Literal["completions", "chat"] = "completions"
     api_key_env: str | None = None  # NAME of the environment variable holding the key (never the key itself)
