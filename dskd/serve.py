@@ -36,11 +36,15 @@ import logging
 import os
 import queue
 import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -645,4 +649,34 @@ def serve(cfg: ServeConfig) -> None:
 def serve_main(args: argparse.Namespace) -> int:
     serve(config_from_args(args))
     return 0
+
+
+@contextmanager
+def serve_in_subprocess(model_dir: str | Path, log_path: Path, *args: str, env: dict | None = None,
+                        timeout_s: float = 300.0) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`dskd serve-teacher --model model_dir` as a child process on 127.0.0.1 and a free port; yields (base URL,
+    process) once it accepts requests, and stops it (SIGTERM, then SIGKILL) when the block ends."""
+    log_path = Path(log_path)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    url_file = log_path.with_suffix(".url")
+    url_file.unlink(missing_ok=True)
+    command = [sys.executable, "-m", "dskd", "serve-teacher", "--model", str(model_dir), "--port", "0",
+               "--url-file", str(url_file), *args]
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        try:
+            deadline = time.monotonic() + timeout_s
+            while not url_file.exists():
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"dskd serve-teacher did not come up (exit code {process.poll()}); its log, "
+                                       f"{log_path}:\n{log_path.read_text()[-3000:]}")
+                time.sleep(0.2)
+            yield url_file.read_text().strip(), process
+        finally:
+            process.terminate()
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
 

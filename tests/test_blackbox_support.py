@@ -4,10 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -50,28 +46,13 @@ def write_teacher(directory: Path, tokenizer, arch: str = "seq2seq", seed: int =
 
 @contextmanager
 def served_teacher(model_dir: Path, workdir: Path, *extra: str, env: dict | None = None, timeout: float = 90.0):
-    """`dskd serve-teacher` as a real subprocess on 127.0.0.1 (a free port); yields (base URL, process)."""
-    url_file = workdir / f"url-{time.time_ns()}"
-    log = open(workdir / f"{url_file.name}.log", "w")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "dskd", "serve-teacher", "--model", str(model_dir), "--port", "0",
-         "--url-file", str(url_file), "--threads", "1", *extra],
-        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
-    try:
-        deadline = time.monotonic() + timeout
-        while not url_file.exists():
-            if process.poll() is not None or time.monotonic() > deadline:
-                log.flush()
-                raise RuntimeError(f"serve-teacher did not start:\n{(workdir / f'{url_file.name}.log').read_text()}")
-            time.sleep(0.2)
-        yield url_file.read_text().strip(), process
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
+    """`dskd serve-teacher` as a real subprocess on 127.0.0.1 (a free port), one torch thread; yields (URL, process).
+    Its log is workdir/url-<ns>.log."""
+    from dskd.serve import serve_in_subprocess
+
+    with serve_in_subprocess(model_dir, workdir / f"url-{time.time_ns()}.log", "--threads", "1", *extra,
+                             env={"OMP_NUM_THREADS": "1", **(env or {})}, timeout_s=timeout) as served:
+        yield served
 
 
 class _QuietServer(ThreadingHTTPServer):

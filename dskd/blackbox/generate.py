@@ -226,6 +226,9 @@ def generate_from_endpoint(recipe: Recipe, *, parent_run_id: str | None = None, 
     store = PTStore(pt_store_dir(recipe))
     if int(os.environ.get("RANK", "0")) != 0:  # HTTP concurrency, not ranks, parallelizes endpoint generation
         return store.root
+    if not cfg.url:
+        raise ConfigError("generate.endpoint.url is not set: give the endpoint's base URL in the recipe or with "
+                          "`dskd generate --teacher-endpoint http://host:port/v1`")
     PromptBuilder.from_config(cfg)  # a bad template fails before anything loads or any request goes out
     api_key = read_api_key(cfg)
     check_data_paths(recipe)
