@@ -36,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--quick", action="store_true", help="a tiny version that finishes in ~3 minutes")
             p.add_argument("--config", help="a recipe to use instead of the built-in demo recipe")
             p.add_argument("--print-recipe", action="store_true", help="print the demo recipe and exit")
+            p.add_argument("--blackbox", action="store_true",
+                           help="the black-box demo: the demo's teacher served over HTTP, students without labels")
         else:
             p.add_argument("--config", required=True, help="YAML recipe (see configs/)")
         p.add_argument("--output-dir", help="overrides run.output_dir")
@@ -133,7 +135,19 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(args, overrides: list[str], rank: int) -> int:
     from dskd.config import load_recipe
 
-    if args.stage == "demo":
+    if args.stage == "demo" and args.blackbox:
+        from dskd.blackbox.demo import blackbox_demo_recipe, run_blackbox_demo
+
+        recipe = load_recipe(args.config, overrides) if args.config else blackbox_demo_recipe(args.quick, overrides)
+        if args.print_recipe:
+            from dskd.config import to_yaml
+
+            print(to_yaml(recipe))
+            return 0
+        if args.force:
+            _clear_stage_markers(recipe)
+        run_blackbox_demo(recipe, quick=args.quick)
+    elif args.stage == "demo":
         from dskd.pipeline import demo_recipe, run_demo
 
         recipe = load_recipe(args.config, overrides) if args.config else demo_recipe(args.quick, overrides)
