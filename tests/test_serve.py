@@ -203,3 +203,37 @@ def test_overload_is_answered_with_429_and_retrying_clients_all_get_through(serv
             n=2, temperature=1.0, top_p=1.0, max_tokens=16), seed=i, top_logprobs=1), range(48)))
     assert all(len(r.samples) == 2 and all(s.tokens is not None for s in r.samples) for r in results)
     assert client.stats.snapshot()["transient_errors"] > 0  # the queue limit was hit and retried through
+
+
+# ------------------------------------------------------------------------------- the Slurm template
+
+from tests.test_slurm import slurm  # noqa: E402,F401 - the one-node cluster fixture (starts it or skips)
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_slurm_template_serves_the_teacher_and_stops_cleanly(slurm, teacher_dir, tmp_path):  # noqa: F811
+    import socket
+    import sys
+
+    from tests.slurm_cluster import wait_for
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url_file = tmp_path / "serve" / "url"
+    job = slurm.submit_template("serve_teacher.sbatch", ["--model", str(teacher_dir), "--max-input-tokens", "32"],
+                                cwd=tmp_path, settings={
+                                    "GPUS_PER_NODE": "0", "CPUS_PER_TASK": "1", "TIME_LIMIT": "10",
+                                    "SERVE_PORT": str(port), "SERVE_DIR": str(tmp_path / "serve"),
+                                    "DSKD_COMMAND": f"{sys.executable} -m dskd"})
+    try:
+        url = wait_for(lambda: url_file.exists() and url_file.read_text().strip(), 180, "the endpoint's URL file")
+        assert url.endswith(f":{port}/v1")
+        reply = post(url, "completions", prompt=PROMPT, n=2, max_tokens=8, logprobs=2)
+        assert reply.status_code == 200 and len(reply.json()["choices"]) == 2
+        wait_for(lambda: "Teacher endpoint up" in job.log(), 30, "the job's usage note")
+    finally:
+        job.cancel()
+    wait_for(lambda: "serve-teacher stopped (SIGTERM)" in job.log(), 60, "the server job's clean stop")
+    assert not url_file.exists()  # removed first, so no new client picks up a server that is going away
