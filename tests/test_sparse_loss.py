@@ -147,3 +147,37 @@ def test_what_a_top_k_teacher_cannot_define_is_refused():
             sparse_kd_loss(hidden, weight, ids, probs, targets, mask, config=config, vocab_size=V)
     with pytest.raises(ValueError, match="another tokenizer"):
         sparse_kd_loss(hidden, weight, ids + V, probs, targets, mask, config=KDLossConfig(), vocab_size=V)
+
+
+MEMORY_PROBE = """
+import resource, torch
+from dskd.losses import KDLossConfig
+from dskd.losses.sparse import sparse_kd_loss
+n, vocab, hidden = 32768, 8192, 32
+torch.manual_seed(0)
+x = torch.randn(n, hidden, requires_grad=True)
+w = torch.randn(vocab, hidden, requires_grad=True)
+ids = torch.randint(0, vocab, (n, 6))
+probs = torch.full((n, 6), 0.1)
+mask = torch.ones(n, dtype=torch.bool)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+out = sparse_kd_loss(x, w, ids, probs, None, mask, config=KDLossConfig(chunk_size=256), vocab_size=vocab)
+out.loss.backward()
+assert torch.isfinite(out.loss) and x.grad is not None
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+"""
+
+
+@pytest.mark.slow
+def test_peak_memory_is_far_below_one_dense_tokens_by_vocab_tensor():
+    """32768 positions x 8192 vocabulary: a single fp32 [tokens, vocab] tensor is 1 GiB. The sparse loss works in
+    [256, vocab] chunks (8 MiB) and must stay far below that in a fresh process."""
+    import os
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", MEMORY_PROBE], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    peak_mib = float(result.stdout.strip().splitlines()[-1])
+    assert peak_mib < 128, f"peak memory grew by {peak_mib:.0f} MiB"
