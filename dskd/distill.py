@@ -277,6 +277,7 @@ def train_stage(recipe: Recipe, stage: Stage, *, resume: bool = False, force: bo
         teacher = create_teacher_engine(HiddenStateLM(teacher_hf), recipe.teacher, mbs, dist)
         if recipe.distill.teacher_dropout:
             teacher.train()
+    engine.train()  # from_pretrained returns eval mode: dropout must be on while training
     model = engine.module.hf_model
     zero3_multi = engine.zero_optimization_partition_weights() and dist.world_size > 1
     student_decoding = DecodingConfig(**recipe.distill.student_decoding.model_dump()) if stage == "distill" else None
