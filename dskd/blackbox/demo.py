@@ -43,7 +43,7 @@ def run_blackbox_demo(recipe: Recipe, *, quick: bool) -> EvalReport:
 
         t = time.perf_counter()
         decoding = recipe.generate.decoding
-        serve_args = ["--max-input-tokens", str(recipe.data.max_input_tokens),
+        serve_args = ["--served-name", "dskd-demo-teacher", "--max-input-tokens", str(recipe.data.max_input_tokens),
                       "--max-tokens-cap", str(decoding.max_new_tokens),
                       "--max-batch", str(decoding.batch_size * decoding.num_return_sequences)]
         log = recipe.run.output_dir / "serve-teacher.log"
