@@ -11,8 +11,9 @@ For each shape (same inputs for every candidate, same loss: forward KL + hard-la
   forward+backward; the figure is VmHWM minus the RSS just before the call (gradients included);
 - forward+backward time: all candidates in one process, interleaved round-robin, median of the
   repeats (the machine is shared, so single timings are noisy);
-- the GEMM floor: the three head GEMMs alone on full [N, V] shapes (teacher forward, student
-  forward, student backward dX and dW) in the model dtype.
+- the GEMM floor: the three head GEMMs alone on full [N, V] shapes into preallocated outputs
+  (teacher forward, student forward, student backward dX and dW) in the model dtype; for a bf16
+  model also the floor with fp32 forward GEMMs, which exact fp32 logits need on a CPU.
 
 Every figure is also printed as a ratio. The last line is one JSON object with the headline ratios
 at the N=4096, V=32000 fp32 shape (Liger keys null when liger-kernel is not importable; install it
@@ -119,15 +120,27 @@ def _chunk_of(name: str) -> tuple[int, ...]:
 
 
 def gemm_floor_steps(x: dict) -> dict:
-    """The head GEMMs of one KD step, timed alone (what any exact method must do)."""
+    """The head GEMMs of one KD step alone, into preallocated outputs (what any exact method must do).
+
+    For a bf16/fp16 model two more entries time the forward GEMMs in fp32 on upcast copies: exact
+    fp32 logits need them on a CPU, which has no bf16 x bf16 -> fp32 GEMM in torch.
+    """
     xs, ws = x["student_hidden"].detach(), x["student_weight"].detach()
     xt, wt = x["teacher_hidden"], x["teacher_weight"]
-    grad = torch.randn(xs.shape[0], ws.shape[0]).to(ws.dtype)
-    return {
-        "teacher_fwd": lambda: xt @ wt.T,
-        "student_fwd": lambda: xs @ ws.T,
-        "student_bwd": lambda: (grad @ ws, grad.T @ xs),
+    n, v = xs.shape[0], ws.shape[0]
+    grad = torch.randn(n, v).to(ws.dtype)
+    logits = torch.empty(n, v, dtype=ws.dtype)
+    dx, dw = torch.empty_like(xs), torch.empty_like(ws)
+    steps = {
+        "teacher_fwd": lambda: torch.mm(xt, wt.T, out=logits),
+        "student_fwd": lambda: torch.mm(xs, ws.T, out=logits),
+        "student_bwd": lambda: (torch.mm(grad, ws, out=dx), torch.mm(grad.T, xs, out=dw)),
     }
+    if ws.dtype != torch.float32:
+        xs32, ws32, xt32, wt32, logits32 = xs.float(), ws.float(), xt.float(), wt.float(), torch.empty(n, v)
+        steps["teacher_fwd_fp32"] = lambda: torch.mm(xt32, wt32.T, out=logits32)
+        steps["student_fwd_fp32"] = lambda: torch.mm(xs32, ws32.T, out=logits32)
+    return steps
 
 
 def reset_grads(x: dict) -> None:
@@ -200,6 +213,12 @@ def bench_shape(shape_key: str, repeats: int) -> dict:
     floor = times["teacher_fwd"] + times["student_fwd"] + times["student_bwd"]
     print(f"GEMM floor {floor:.3f} s = teacher fwd {times['teacher_fwd']:.3f} + student fwd "
           f"{times['student_fwd']:.3f} + student bwd {times['student_bwd']:.3f}")
+    exact_floor = None
+    if "teacher_fwd_fp32" in times:
+        exact_floor = times["teacher_fwd_fp32"] + times["student_fwd_fp32"] + times["student_bwd"]
+        print(f"GEMM floor with fp32 logits {exact_floor:.3f} s = teacher fwd {times['teacher_fwd_fp32']:.3f} + "
+              f"student fwd {times['student_fwd_fp32']:.3f} (fp32) + student bwd {times['student_bwd']:.3f}; "
+              f"fused / this floor = {times['fused'] / exact_floor:.3f}")
     print(f"{'':7}{'loss':>12}{'peak MiB':>10}{'time s':>9}{'mem/naive':>11}{'time/naive':>11}"
           f"{'mem/liger':>11}{'time/liger':>11}{'time/floor':>11}   runs")
     for name in names:
@@ -218,6 +237,7 @@ def bench_shape(shape_key: str, repeats: int) -> dict:
         "mem_vs_liger": ratio(memory["fused"], memory.get("liger")),
         "time_vs_liger": ratio(times["fused"], times.get("liger")),
         "time_vs_gemm_floor": ratio(times["fused"], floor),
+        "time_vs_fp32_logits_gemm_floor": ratio(times["fused"], exact_floor),
     }
 
 
