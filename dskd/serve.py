@@ -535,7 +535,8 @@ def build_app(service: Service, api_key: str | None = None, on_ready=None):
         if api_key is not None and request.url.path != "/health":
             given = request.headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                return _error(401, "missing or wrong API key (send Authorization: Bearer <key>)", "authentication_error")
+                return _error(401, "missing or wrong API key (send Authorization: Bearer <key>)",
+                              "authentication_error")
         return await call_next(request)
 
     @app.exception_handler(RequestValidationError)

@@ -100,7 +100,8 @@ def test_serve_generate_over_http_with_a_kill_then_distill_with_ce_and_sparse_kd
     experiment = client.get_experiment_by_name("tests").experiment_id
     generate_runs = client.search_runs([experiment], "tags.`dskd.stage` = 'generate'", order_by=["start_time DESC"])
     resumed = generate_runs[0].data.metrics
-    assert resumed["generate/resumed_inputs"] == len(killed_at) and resumed["generate/new_inputs"] == INPUTS - len(killed_at)
+    assert resumed["generate/resumed_inputs"] == len(killed_at)
+    assert resumed["generate/new_inputs"] == INPUTS - len(killed_at)
     assert resumed["generate/aligned_fraction"] > 0.5  # same tokenizer on both sides: most positions align
     assert 0 <= resumed["generate/teacher_tail_mass_mean"] < 1
 

@@ -136,7 +136,8 @@ def flaky_after(n_good: int):
 def test_an_unreachable_endpoint_stops_with_progress_saved_and_a_rerun_completes(tiny_task, tmp_path):
     with ScriptedEndpoint(default=(200, flaky_after(20))) as stub:
         recipe = recipe_for(tiny_task, tmp_path, stub.url)
-        with pytest.raises(EndpointGenerationStopped, match=r"no usable answer.*HTTP 503.*of 80 inputs have PTs.*rerun"):
+        stopped = r"no usable answer.*HTTP 503.*of 80 inputs have PTs.*rerun"
+        with pytest.raises(EndpointGenerationStopped, match=stopped):
             generate_from_endpoint(recipe)
     store = PTStore(tmp_path / "pts")
     saved = shard_ids(store)

@@ -152,7 +152,8 @@ def test_stop_strings_cut_the_text_where_they_start(server):
     stop = next((c for c in full["text"][1:] if c != " "), None)
     if stop is None:
         pytest.skip("the sample has no second character to stop at")
-    cut = post(server, "completions", prompt=PROMPT, seed=9, max_tokens=16, logprobs=1, stop=[stop]).json()["choices"][0]
+    cut = post(server, "completions", prompt=PROMPT, seed=9, max_tokens=16, logprobs=1, stop=[stop])
+    cut = cut.json()["choices"][0]
     assert full["text"].startswith(cut["text"]) and full["text"][len(cut["text"]):].startswith(stop)
     assert stop not in cut["text"] and cut["finish_reason"] == "stop"
     assert "".join(cut["logprobs"]["tokens"]) == cut["text"]

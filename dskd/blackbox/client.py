@@ -209,7 +209,8 @@ class EndpointClient:
         if top_logprobs:
             payload.update({"logprobs": True, "top_logprobs": top_logprobs} if chat else {"logprobs": top_logprobs})
         path = "/chat/completions" if chat else "/completions"
-        return self._call("POST", path, payload, lambda data: parse_completion(data, sampling.n, chat, top_logprobs > 0))
+        return self._call("POST", path, payload,
+                          lambda data: parse_completion(data, sampling.n, chat, top_logprobs > 0))
 
     # -- the retry loop
 
@@ -366,9 +367,11 @@ def _chat_sample(choice: dict, want_logprobs: bool) -> TeacherSample:
         tokens = []
         for piece, entry in zip(_utf8_pieces(raw), content):
             top = entry.get("top_logprobs") or []
-            if not isinstance(top, list) or not all(isinstance(t, dict) and isinstance(t.get("token"), str) for t in top):
+            if not isinstance(top, list) or not all(isinstance(t, dict) and isinstance(t.get("token"), str)
+                                                    for t in top):
                 raise BadResponse("top_logprobs is not a list of {token, logprob}")
-            alternatives = [(_candidate_text(_entry_bytes(t)), _number(t.get("logprob"), "a top log-prob")) for t in top]
+            alternatives = [(_candidate_text(_entry_bytes(t)), _number(t.get("logprob"), "a top log-prob"))
+                            for t in top]
             tokens.append(TeacherToken(piece, _number(entry.get("logprob"), "a token log-prob"),
                                        [(t, v) for t, v in alternatives if t is not None]))
     return TeacherSample(text, tokens, choice.get("finish_reason"))

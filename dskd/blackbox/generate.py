@@ -8,9 +8,10 @@ Requests run on `concurrency` threads through one `EndpointClient` (retries, bud
 inputs are buffered and written to the PT store as one shard every `flush_every` inputs, so a crash loses
 at most the buffer (those inputs are requested again), and a rerun skips every input already in a shard:
 nothing is lost and nothing doubles. SIGTERM / SIGUSR1 (Slurm's warning; `dskd.preemption`) stop the loop at
-its next turn, flush the buffer and exit with the requeue code; Ctrl-C flushes it too. An endpoint that stays unreachable (or a used-up request budget) stops the
-run with the same guarantee; inputs the endpoint never answers usably are listed in `failures.json` in the
-store and retried by the next run. Tokens, requests and cost are logged to MLflow as they accrue.
+its next turn, flush the buffer and exit with the requeue code; Ctrl-C flushes it too. An endpoint that stays
+unreachable (or a used-up request budget) stops the run with the same guarantee; inputs the endpoint never
+answers usably are listed in `failures.json` in the store and retried by the next run. Tokens, requests and
+cost are logged to MLflow as they accrue.
 """
 
 from __future__ import annotations

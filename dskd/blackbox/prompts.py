@@ -55,7 +55,8 @@ class PromptBuilder:
         available = set(available)
         missing = sorted(self.fields() - available)
         if missing:
-            raise TemplateError(f"generate.endpoint.prompt_template refers to {', '.join('{' + m + '}' for m in missing)}, "
+            fields = ", ".join("{" + m + "}" for m in missing)
+            raise TemplateError(f"generate.endpoint.prompt_template refers to {fields}, "
                                 f"which the input rows do not have; available fields: {', '.join(sorted(available))}")
         for number, example in enumerate(self.few_shot):
             lacking = sorted((self.fields() | {"target"}) - set(example))

@@ -164,7 +164,9 @@ def _run_chunks(problem: _SparseProblem):
     kd_w, ce_w = float(cfg.kd_weight), float(cfg.ce_weight)
     grad_x = torch.zeros(n, p.x.shape[1], dtype=torch.float32, device=device) if p.wants_grad[0] else None
     grad_w = torch.zeros(p.weight_rows, p.x.shape[1], dtype=torch.float32, device=device) if p.wants_grad[1] else None
-    grad_b = torch.zeros(p.weight_rows, dtype=torch.float32, device=device) if p.wants_grad[2] and bias is not None else None
+    grad_b = None
+    if p.wants_grad[2] and bias is not None:
+        grad_b = torch.zeros(p.weight_rows, dtype=torch.float32, device=device)
     chunk = max(1, min(int(cfg.chunk_size), n))
     buffer = torch.empty(chunk, vocab, dtype=torch.float32, device=device)
     kd_sum = torch.zeros((), dtype=torch.float32, device=device)
