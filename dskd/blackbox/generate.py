@@ -24,6 +24,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dskd import preemption
 from dskd.blackbox.align import Aligner, AlignmentStats
 from dskd.blackbox.client import (
     BudgetExhausted,
@@ -33,7 +34,6 @@ from dskd.blackbox.client import (
     InputFailed,
     SamplingParams,
 )
-from dskd import preemption
 from dskd.blackbox.prompts import PromptBuilder
 from dskd.config import ConfigError, EndpointConfig, Recipe
 from dskd.data.collate import Encoder, Formatting
