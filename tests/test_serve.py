@@ -15,7 +15,7 @@ from dskd.blackbox.client import EndpointClient, SamplingParams
 from dskd.blackbox.tokens import SurfaceVocab, token_pieces
 from dskd.config import EndpointConfig
 from dskd.data.pt_store import weights_fingerprint
-from dskd.serve import RowSampler, SampleRow, ServeConfig, TeacherRunner
+from dskd.serve import RequestError, RowSampler, SampleRow, ServeConfig, TeacherRunner
 from tests.test_blackbox_support import served_teacher, write_teacher
 
 PROMPT = "def get_name(self):\n    return self.name"
@@ -80,6 +80,13 @@ def test_runner_serves_rows_with_different_settings_in_one_batch(tiny_tokenizer,
         assert len(sample.tokens) == len(reference)
         assert [t.text for t in sample.tokens] == token_pieces(tiny_tokenizer, reference)
     assert all(len(t.top) == 2 for t in out[0].tokens) and all(t.top == [] for t in out[2].tokens)
+    messages = [{"role": "system", "content": "Summarize."}, {"role": "user", "content": "def f(): pass"}]
+    assert runner.encode_chat(messages) == runner.encode_prompt("Summarize.\n\ndef f(): pass")  # no chat template
+    runner.tokenizer.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    expected = tiny_tokenizer("[user] def f(): pass\n", add_special_tokens=False)["input_ids"]
+    assert runner.encode_chat(messages[1:]) == expected
+    with pytest.raises(RequestError, match="--max-input-tokens"):
+        runner.encode_chat([{"role": "user", "content": PROMPT * 3}])
 
 
 @pytest.fixture(scope="module")
