@@ -177,3 +177,28 @@ def test_sigterm_flushes_finished_inputs_and_asks_for_a_requeue(tiny_task, tmp_p
         count["n"] = -(10**6)
         generate_from_endpoint(recipe)
     assert len(shard_ids(store)) == INPUTS and len(store.load()) == INPUTS
+
+
+def test_cli_generate_with_teacher_endpoint_exits_4_when_the_endpoint_is_gone(tiny_task, tmp_path, capsys):
+    import yaml
+
+    from dskd.cli import main
+
+    recipe = recipe_for(tiny_task, tmp_path, "http://unused.invalid/v1").model_dump(mode="json")
+    del recipe["generate"]["endpoint"]["url"]  # comes from --teacher-endpoint
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    with ScriptedEndpoint(default=(200, flaky_after(5))) as stub:
+        assert main(["generate", "--config", str(path), "--teacher-endpoint", stub.url]) == 4
+    err = capsys.readouterr().err
+    assert "HTTP 503" in err and "5 of 80 inputs have PTs" in err and KEY not in err
+
+
+def test_demo_recipes_validate_and_the_configs_copy_is_the_packaged_one():
+    from dskd.blackbox.demo import blackbox_demo_recipe
+
+    packaged = blackbox_demo_recipe(quick=False)
+    assert load_recipe(Path(__file__).resolve().parents[1] / "configs" / "demo_blackbox.yaml") == packaged
+    for recipe in (packaged, blackbox_demo_recipe(quick=True)):
+        assert recipe.generate.endpoint is not None and recipe.distill.sources == ["teacher_pt"]
+        assert recipe.student.init == "config" and recipe.data.task == "docstrings"
