@@ -67,7 +67,7 @@ def answer(body):
     """Good replies, except: inputs about 'socket' get truncated JSON, inputs about 'cache' empty texts."""
     if "socket" in body["prompt"]:
         return 200, b'{"choices": [{"text": "Ret'
-    texts = ["", ""] if "cache" in body["prompt"] else ["Return the value.", "Get the name."]
+    texts = ["", ""] if "cache" in body["prompt"] else ["Return the value.", "Get the \ufffdname."]
     return completion_reply(texts, logprobs=True)
 
 
@@ -95,6 +95,8 @@ def test_failures_empty_generations_tokens_and_cost_are_counted_and_the_key_stay
     assert len(rows) + len(failures) == INPUTS and not set(rows) & set(failures)
     empty = sum(text == "" for r in rows.values() for text in r["pts"])
     assert empty > 0 and all(ids == [1] for r in rows.values() for text, ids in zip(r["pts"], r["pt_ids"]) if not text)
+    assert not any("\ufffd" in text for r in rows.values() for text in r["pts"])  # invalid UTF-8 is not a target
+    assert "Get the name." in {text for r in rows.values() for text in r["pts"]}
     first = next(iter(rows.values()))
     assert len(first["pt_top_ids"]) == 2 and len(first["pt_top_ids"][0]) == len(first["pt_ids"][0])
     posted = [r for r in stub.requests if r["json"] is not None]
@@ -106,6 +108,7 @@ def test_failures_empty_generations_tokens_and_cost_are_counted_and_the_key_stay
     metrics = run.data.metrics
     assert metrics["generate/failed_inputs"] == len(failures)
     assert metrics["generate/empty_pts"] == empty
+    assert metrics["generate/invalid_characters_removed"] == sum(r["pts"][1] == "Get the name." for r in rows.values())
     good_requests = len(rows)
     assert metrics["generate/prompt_tokens"] == 7 * good_requests
     assert metrics["generate/completion_tokens"] == 6 * good_requests

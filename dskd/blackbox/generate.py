@@ -42,6 +42,7 @@ from dskd.tracking import Tracker
 
 FLUSH_SECONDS = 10.0  # a shard at least this often while results come in
 WAKE_S = 0.25  # the main loop looks for a stop request at least this often
+INVALID_CHARACTER = "\ufffd"
 
 
 class EndpointGenerationStopped(RuntimeError):
@@ -91,6 +92,7 @@ class Progress:
     written: int = 0
     failures: dict[str, str] = field(default_factory=dict)
     empty_pts: int = 0
+    invalid_characters: int = 0  # U+FFFD removed from PT texts
     alignment: AlignmentStats = field(default_factory=AlignmentStats)
 
 
@@ -116,7 +118,7 @@ class EndpointGeneration:
                                     seed=input_seed(self.recipe.run.seed, row["id"]), top_logprobs=self.top_logprobs)
 
     def store_row(self, row: dict, completion: Completion) -> dict:
-        texts = [sample.text.strip() for sample in completion.samples]
+        texts = [self.pt_text(sample.text) for sample in completion.samples]
         pt_ids = self.encoder.target_ids_batch(texts)
         self.progress.empty_pts += sum(not text for text in texts)
         out = {"id": row["id"], "split": row["split"], "input": row["input"], "pts": texts, "pt_ids": pt_ids}
@@ -128,6 +130,14 @@ class EndpointGeneration:
                 out["pt_top_ids"].append(sparse.ids)
                 out["pt_top_logprobs"].append(sparse.logprobs)
         return out
+
+    def pt_text(self, text: str) -> str:
+        """The completion as a training target: stripped, and without U+FFFD (what a teacher's invalid UTF-8 decodes
+        to; a student must not learn to write it). Counted, never silent."""
+        if INVALID_CHARACTER in text:
+            self.progress.invalid_characters += text.count(INVALID_CHARACTER)
+            text = text.replace(INVALID_CHARACTER, "")
+        return text.strip()
 
     def flush(self, force: bool = False) -> None:
         due = len(self._buffer) >= self.cfg.flush_every or time.monotonic() - self._last_flush > FLUSH_SECONDS
@@ -145,7 +155,8 @@ class EndpointGeneration:
         out = {f"generate/{name}": value for name, value in usage.items()}
         out.update({"generate/cost": cost, "generate/new_inputs": self.progress.written,
                     "generate/failed_inputs": len(self.progress.failures),
-                    "generate/empty_pts": self.progress.empty_pts})
+                    "generate/empty_pts": self.progress.empty_pts,
+                    "generate/invalid_characters_removed": self.progress.invalid_characters})
         if self.aligner is not None:
             out.update(self.progress.alignment.as_metrics())
         return out
