@@ -34,7 +34,8 @@ class TrackingConfig(Strict):
     enabled: bool = True
     uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite:///<output_dir>/mlflow.db
     experiment: str = "dskd"
-    register_model: str | None = None  # registry name for the exported student (issue: export)
+    log_model: bool = True  # log the exported model as an MLflow model (transformers flavor)
+    register_model: str | None = None  # ...and register it under this name in the model registry
 
 
 class SplitLimits(Strict):

@@ -32,7 +32,7 @@ from dskd.data.pt_store import PTStore
 from dskd.data.task import TaskData, check_data_paths, load_task
 from dskd.engines import DistInfo, create_student_engine, create_teacher_engine, init_distributed, student_ds_config
 from dskd.evaluate import evaluate_generations
-from dskd.generation import DecodingConfig, sample_student_targets
+from dskd.generation import DecodingConfig, generate_ids, sample_student_targets
 from dskd.losses import KDLossConfig
 from dskd.losses.zero import gathered
 from dskd.models import (
@@ -389,16 +389,49 @@ def train_stage(recipe: Recipe, stage: Stage, *, resume: bool = False, force: bo
             final = _dev_metrics(model, encoder, task, train_cfg, zero3_multi)
             run.log_metrics(final, step=step)
             model_dir = out_dir / "model"
+            probe = _export_probe(task, encoder)
+            engine_outputs = generate_ids(model, encoder, probe, _GREEDY_PROBE, synced_gpus=zero3_multi)
             state = checkpoint.consolidated_state_dict(engine)
             if dist.is_main:
                 checkpoint.export_hf(model, state, tokenizer, model_dir, prefix="lm.model.",
                                      extra={"stage": stage, "recipe_key": key, "run_id": run.run_id})
+                _check_export(model_dir, recipe, stage, encoder, probe, engine_outputs)
+                run.log_metrics({"export/reload_matches_engine": 1.0}, step=step)
+                if recipe.tracking.log_model and arch == "causal":
+                    reloaded = load_model(_trained_spec(recipe, stage), path=str(model_dir))
+                    run.log_hf_model(reloaded, tokenizer, "text-generation", recipe.tracking.register_model)
+                elif recipe.tracking.log_model:
+                    # transformers 5 has no encoder-decoder pipeline, so MLflow's transformers flavor cannot
+                    # wrap a seq2seq model: log the exported directory as artifacts instead.
+                    run.log_artifact(model_dir, "model")
                 checkpoint.atomic_write_text(out_dir / "DONE.json", json.dumps(
                     {"key": key, "run_id": run.run_id, "steps": step, "metrics": final}, indent=2))
                 run.set_tags({"dskd.model_dir": str(model_dir)})
             if torch_dist.is_initialized():
                 torch_dist.barrier()
     return StageResult(model_dir, position["run_id"], step, losses, final)
+
+
+_GREEDY_PROBE = DecodingConfig(strategy="greedy", max_new_tokens=16, batch_size=8)
+
+
+def _export_probe(task: TaskData, encoder: Encoder) -> list[list[int]]:
+    """A few real inputs to compare the exported model against the engine that trained it."""
+    rows = task.splits.get("dev") or task.splits["labeled"]
+    return encoder.prompt_ids_batch(rows["input"][:8])
+
+
+def _trained_spec(recipe: Recipe, stage: Stage):
+    return recipe.teacher if stage == "teacher" else recipe.student
+
+
+def _check_export(model_dir: Path, recipe: Recipe, stage: Stage, encoder: Encoder, probe, engine_outputs) -> None:
+    """Reload the export with from_pretrained and greedy-decode the probe: it must say what the engine said
+    (catches a wrong ZeRO-3 consolidation, a dropped tied weight, a dtype slip)."""
+    reloaded = load_model(_trained_spec(recipe, stage), path=str(model_dir)).eval()
+    if generate_ids(reloaded, encoder, probe, _GREEDY_PROBE) != engine_outputs:
+        raise RuntimeError(f"the exported model in {model_dir} does not generate what the trained engine generates; "
+                           "the export is broken (please report this with the recipe)")
 
 
 def _client_state(position: dict, phase: int, micro: int, step: int, losses: list[float]) -> dict:

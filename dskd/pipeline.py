@@ -215,7 +215,6 @@ def run_demo(recipe: Recipe) -> EvalReport:
     start = time.perf_counter()
     dist = init_distributed(recipe.run.device, recipe.run.dist_timeout_minutes)
     tracker = Tracker(recipe.tracking, recipe.run.output_dir, active=dist.is_main)
-    ce_student = student_variant(recipe, "ce", loss="ce", sources=["gold"], student_pt_ratio=0.0)
     jt_student = student_variant(recipe, "jt")
     with tracker.run(f"demo-{recipe.run.name}", tags={"dskd.stage": "pipeline"}) as parent:
         parent.log_recipe(recipe)
@@ -225,8 +224,14 @@ def run_demo(recipe: Recipe) -> EvalReport:
         train_stage(recipe, "teacher", parent_run_id=pid, tracker=tracker)
         timings["teacher"] = time.perf_counter() - t
         t = time.perf_counter()
-        run_generate(recipe, parent_run_id=pid, tracker=tracker)
+        store = run_generate(recipe, parent_run_id=pid, tracker=tracker)
         timings["generate"] = time.perf_counter() - t
+        # Same number of optimizer steps for both students: the CE-only student's pool is the gold targets
+        # alone, so it runs proportionally more epochs over them.
+        labeled = len(load_task(recipe, dist.is_main, needed=("labeled",)).splits["labeled"])
+        pool_ratio = (labeled + len(PTStore(store).load())) / labeled
+        ce_student = student_variant(recipe, "ce", loss="ce", sources=["gold"], student_pt_ratio=0.0,
+                                     epochs=recipe.distill.epochs * pool_ratio)
         for variant in (ce_student, jt_student):
             t = time.perf_counter()
             train_stage(variant, "distill", parent_run_id=pid, tracker=tracker)

@@ -141,6 +141,33 @@ class Tracker:
 
             self._client.log_table(self.run_id, data=pd.DataFrame(rows), artifact_file=name)
 
+    def log_hf_model(self, model, tokenizer, task: str, registered_name: str | None = None) -> None:
+        """The exported model as an MLflow model (transformers flavor), optionally registered.
+
+        The fluent API needs a process-wide tracking URI; set it only for this call and restore the environment
+        afterwards so later stages keep their own store.
+        """
+        if not self.active:
+            return
+        import importlib.metadata as md
+
+        import mlflow
+
+        saved_env = os.environ.get("MLFLOW_TRACKING_URI")
+        mlflow.set_tracking_uri(self.uri)
+        try:
+            with mlflow.start_run(run_id=self.run_id):
+                mlflow.transformers.log_model(
+                    {"model": model, "tokenizer": tokenizer}, name="model", task=task,
+                    registered_model_name=registered_name,
+                    pip_requirements=[f"{p}=={md.version(p)}" for p in ("transformers", "torch", "safetensors")])
+        finally:
+            if saved_env is None:
+                os.environ.pop("MLFLOW_TRACKING_URI", None)
+            else:
+                os.environ["MLFLOW_TRACKING_URI"] = saved_env
+            mlflow.set_tracking_uri(saved_env or "")
+
     def log_files(self, files: dict[str, str]) -> None:
         """Several small text artifacts at once, through one temporary directory."""
         if not self.active:
