@@ -83,6 +83,11 @@ def shutdown_distributed() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+        # DeepSpeed caches its backend (and the group inside it); drop it so a later init in this process
+        # (tests, notebooks) builds a fresh one instead of reusing the destroyed group.
+        import deepspeed.comm.comm as ds_comm
+
+        ds_comm.cdb = None
 
 
 def bf16_supported(device: torch.device) -> bool:
