@@ -174,7 +174,7 @@ def test_cache_is_reused_without_rewriting(tmp_path):
     mtimes = {name: os.stat(path).st_mtime_ns for name, path in built.files.items()}
     start = time.perf_counter()
     reused = build_docstring_task(tmp_path / "cache", config)
-    assert time.perf_counter() - start < 0.1
+    assert time.perf_counter() - start < 0.5  # a stat walk, no parsing
     assert reused.cache_hit and not built.cache_hit
     assert (reused.fingerprint, reused.stats, reused.files) == (built.fingerprint, built.stats, built.files)
     assert {name: os.stat(path).st_mtime_ns for name, path in reused.files.items()} == mtimes
