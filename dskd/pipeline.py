@@ -98,7 +98,9 @@ def run_generate(recipe: Recipe, *, parent_run_id: str | None = None, tracker: T
         with preemption.handling():
             generate_pseudo_targets(model, encoder, rows, decoding, store, rank=dist.rank,
                                     world_size=dist.world_size, synced_gpus=zero3_multi, seed=recipe.run.seed,
-                                    progress=True, stop=preemption.agreed)
+                                    progress=True,
+                                    # ranks run batches in lockstep only under synced_gpus: agree only then
+                                    stop=preemption.agreed if zero3_multi else preemption.requested)
         seconds = time.perf_counter() - start
         if dist.is_main:
             pts = store.load()

@@ -51,6 +51,11 @@ def handling() -> Iterator[None]:
         _state.update(installed=False, requested=False)
 
 
+def requested() -> bool:
+    """This rank's own request (no collective): for loops whose ranks do not run in lockstep."""
+    return _state["requested"]
+
+
 def agreed() -> bool:
     """True on every rank if any rank was asked to stop (ranks must stop at the same step or batch)."""
     flag = torch.tensor([int(_state["requested"])])
