@@ -16,7 +16,7 @@ import logging
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal
 
@@ -141,16 +141,12 @@ def stage_phases(recipe: Recipe, stage: Stage) -> tuple[TrainConfig, list[Phase]
 def stage_tokenizer(recipe: Recipe, task: TaskData, stage: Stage):
     """The embedded task ships its own tokenizer; otherwise each model's own, which must agree for KD."""
     if task.tokenizer_path is not None:
-        return load_tokenizer(replace_tokenizer(recipe.teacher, str(task.tokenizer_path)))
+        return load_tokenizer(recipe.teacher.model_copy(update={"tokenizer": str(task.tokenizer_path)}))
     if recipe.generate.endpoint is not None and stage == "distill":  # black-box teacher: the student's tokenizer
         return load_tokenizer(recipe.student)
     if stage == "teacher":
         return load_tokenizer(recipe.teacher)
     return load_tokenizer(recipe.teacher, path=teacher_model_path(recipe))
-
-
-def replace_tokenizer(spec, path: str):
-    return spec.model_copy(update={"tokenizer": path})
 
 
 def _special_ids(tokenizer) -> dict:

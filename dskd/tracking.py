@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -167,14 +166,3 @@ class Tracker:
             else:
                 os.environ["MLFLOW_TRACKING_URI"] = saved_env
             mlflow.set_tracking_uri(saved_env or "")
-
-    def log_files(self, files: dict[str, str]) -> None:
-        """Several small text artifacts at once, through one temporary directory."""
-        if not self.active:
-            return
-        with tempfile.TemporaryDirectory() as tmp:
-            for name, text in files.items():
-                target = Path(tmp) / name
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_text(text)
-            self._client.log_artifacts(self.run_id, tmp)
