@@ -224,6 +224,7 @@ def _decoder_start(model) -> int | None:
 def train_stage(recipe: Recipe, stage: Stage, *, resume: bool = False, force: bool = False,
                 parent_run_id: str | None = None, tracker: Tracker | None = None) -> StageResult:
     """Run `dskd teacher` or `dskd distill` end to end and export the trained model."""
+    check_data_paths(recipe)  # before the process group: a typo'd path fails fast, on every rank alike
     dist = init_distributed(recipe.run.device, recipe.run.dist_timeout_minutes)
     out_dir = stage_dir(recipe, stage)
     key = stage_key(recipe, stage)
@@ -233,7 +234,6 @@ def train_stage(recipe: Recipe, stage: Stage, *, resume: bool = False, force: bo
             print(f"[dskd] {stage}: already complete with this recipe in {out_dir} (reused; pass --force to redo)")
         return StageResult(out_dir / "model", done.get("run_id"), done.get("steps", 0),
                            metrics=done.get("metrics", {}), skipped=True)
-    check_data_paths(recipe)
     torch.manual_seed(recipe.run.seed)
     train_cfg, phases = stage_phases(recipe, stage)
     needs_teacher = any(p.needs_teacher for p in phases)

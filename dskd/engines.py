@@ -54,15 +54,22 @@ def _env_from_slurm() -> None:
     os.environ.setdefault("MASTER_PORT", "29500")
 
 
+# Variables init_distributed invented for a plain single process; removed again at shutdown so that child
+# processes (and a later init in this process) don't inherit a port that belonged to the old group.
+_ENV_WE_SET: set[str] = set()
+
+
 def init_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> DistInfo:
     """Join (or create, for a plain single process) the process group DeepSpeed expects."""
     import deepspeed
     import torch.distributed as dist
 
     _env_from_slurm()
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if "RANK" not in os.environ and not dist.is_initialized():
+        single = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                  "MASTER_PORT": os.environ.get("MASTER_PORT") or str(_free_port())}
+        _ENV_WE_SET.update(k for k in single if k not in os.environ)
+        os.environ.update(single)
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("run.device=cuda but no CUDA device is visible")
@@ -83,11 +90,27 @@ def shutdown_distributed() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-        # DeepSpeed caches its backend (and the group inside it); drop it so a later init in this process
-        # (tests, notebooks) builds a fresh one instead of reusing the destroyed group.
-        import deepspeed.comm.comm as ds_comm
+        _forget_deepspeed_groups()
+    for key in _ENV_WE_SET:
+        os.environ.pop(key, None)
+    _ENV_WE_SET.clear()
 
-        ds_comm.cdb = None
+
+def _forget_deepspeed_groups() -> None:
+    """DeepSpeed caches its comm backend and clones of the world group in module globals; drop them so a
+    later init in this process (tests, notebooks, `dskd demo`'s stages) builds fresh ones instead of
+    handing a destroyed group to torch."""
+    import deepspeed.comm.comm as ds_comm
+    import deepspeed.utils.groups as ds_groups
+
+    ds_comm.cdb = None
+    for name, value in vars(ds_groups).items():
+        if name.startswith("_") and name.endswith(("_GROUP", "_GROUP_RANKS")):
+            if isinstance(value, dict):
+                value.clear()
+            else:
+                setattr(ds_groups, name, None)
+    ds_groups.mesh_device = None
 
 
 def bf16_supported(device: torch.device) -> bool:

@@ -62,8 +62,8 @@ def run_generate(recipe: Recipe, *, parent_run_id: str | None = None, tracker: T
         from dskd.blackbox.generate import generate_from_endpoint
 
         return generate_from_endpoint(recipe, parent_run_id=parent_run_id, tracker=tracker)
+    check_data_paths(recipe)  # before the process group: a typo'd path fails fast, on every rank alike
     dist = init_distributed(recipe.run.device, recipe.run.dist_timeout_minutes)
-    check_data_paths(recipe)
     task = load_task(recipe, dist.is_main, needed=tuple(recipe.generate.splits))
     tokenizer = stage_tokenizer(recipe, task, "distill")
     t_path = teacher_model_path(recipe) if _teacher_from_disk(recipe) else None
@@ -142,8 +142,8 @@ def _models_to_evaluate(recipe: Recipe) -> dict[str, str]:
 
 def run_evaluate(recipe: Recipe, *, parent_run_id: str | None = None, tracker: Tracker | None = None) -> EvalReport:
     """Task metrics and efficiency of the teacher and the students, side by side (rank 0 does the work)."""
+    check_data_paths(recipe)  # before the process group: a typo'd path fails fast, on every rank alike
     dist = init_distributed(recipe.run.device, recipe.run.dist_timeout_minutes)
-    check_data_paths(recipe)
     cfg = recipe.evaluate
     report = EvalReport(results={}, table="")
     if dist.is_main:

@@ -9,6 +9,17 @@ import pytest
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+@pytest.fixture(autouse=True)
+def _fresh_process_group():
+    """In-process stages leave their gloo group up (as a real run would until exit); tear it down after each
+    test so the next one starts from a clean process, as a fresh `dskd` invocation does."""
+    yield
+    import sys
+
+    if "dskd.engines" in sys.modules:
+        sys.modules["dskd.engines"].shutdown_distributed()
+
+
 CORPUS = [
     "def add(a, b): return a + b", "Return the sum of two numbers.", "def read_file(path): open the path",
     "Read a file and return its text.", "def get_name(self): return self.name", "Return the name.",

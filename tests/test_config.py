@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from conftest import launch_env
 from dskd.config import ConfigError, Recipe, apply_overrides, flatten, load_recipe, parse_override
 
 
@@ -63,9 +64,9 @@ def test_cli_reports_config_errors_before_loading_anything(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("data:\n  labeled: missing.jsonl\nteacher:\n  path: /no/such/model\n")
     proc = subprocess.run([sys.executable, "-m", "dskd", "distill", "--config", str(recipe), "distill.epochs=1"],
-                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path, env=launch_env())
     assert proc.returncode == 2
     assert "data.labeled=missing.jsonl: file not found" in proc.stderr
     proc = subprocess.run([sys.executable, "-m", "dskd", "teacher", "--config", str(recipe), "teacher.bogus=1"],
-                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path, env=launch_env())
     assert proc.returncode == 2 and "unknown key 'teacher.bogus'" in proc.stderr
