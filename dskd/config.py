@@ -34,7 +34,7 @@ class TrackingConfig(Strict):
     enabled: bool = True
     uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite:///<output_dir>/mlflow.db
     experiment: str = "dskd"
-    log_model: bool = True  # log the exported model as an MLflow model (transformers flavor)
+    log_model: bool = True  # the export as an MLflow model: transformers flavor (causal) or pyfunc (seq2seq)
     register_model: str | None = None  # ...and register it under this name in the model registry
 
 

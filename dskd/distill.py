@@ -316,6 +316,7 @@ def train_stage(recipe: Recipe, stage: Stage, *, resume: bool = False, force: bo
                     t0 = time.perf_counter()
                     # 1. targets for this step's micro-batches (student samples for Joint-Teaching)
                     batches, n_student, last_micro = [], 0, start_micro
+                    tail_mass = 0.0  # black-box KD: teacher probability outside its top-k, summed over tokens
                     for _ in range(gas):
                         micro_index, pairs = next(stream)
                         last_micro = micro_index + 1
@@ -328,12 +329,13 @@ def train_stage(recipe: Recipe, stage: Stage, *, resume: bool = False, force: bo
                                                  tokenizer.pad_token_id, _decoder_start(model))
                         if phase.sparse:  # the teacher's top-k targets, laid out like batch["targets"]
                             batch.update(pool.sparse_batch(pairs, batch["target_mask"]))
+                            tail_mass += float((1.0 - batch["teacher_top_probs"].sum(-1))[batch["target_mask"]].sum())
                         batches.append(_to_device(batch, engine.device))
                     # 2. exact normalization: valid target tokens over all micro-batches and ranks
                     local_tokens = sum(int(b["target_mask"].sum()) for b in batches)
                     global_tokens = all_reduce(torch.tensor([float(local_tokens)]))
                     normalizer = (global_tokens / dist.world_size).squeeze(0).to(engine.device)
-                    sums = torch.zeros(3)
+                    sums = torch.tensor([0.0, 0.0, 0.0, tail_mass])
                     # 3. forward (teacher, no grad) -> fused loss in the student engine -> backward -> step
                     for micro, batch in enumerate(batches):
                         t_hidden, t_head = None, (None, None)
@@ -352,7 +354,7 @@ def train_stage(recipe: Recipe, stage: Stage, *, resume: bool = False, force: bo
                                 f"(currently {train_cfg.optim.lr}) or check the data.")
                         engine.backward(out.loss, scale_wrt_gas=False)
                         engine.step()
-                        sums += torch.stack([out.loss.detach().float().cpu(), out.kd.float().cpu(), out.ce.float().cpu()])
+                        sums[:3] += torch.stack([out.loss.detach().float().cpu(), out.kd.float().cpu(), out.ce.float().cpu()])
                     step += 1
                     # 4. metrics (global means over ranks)
                     all_reduce(sums)
@@ -363,8 +365,9 @@ def train_stage(recipe: Recipe, stage: Stage, *, resume: bool = False, force: bo
                         bar.update(1)
                         bar.set_postfix(loss=f"{step_loss:.4f}")
                     if step % train_cfg.log_every == 0 or step == total_steps:
+                        tail = {"train/teacher_tail_mass": float(sums[3] / global_tokens)} if phase.sparse else {}
                         run.log_metrics({
-                            "train/loss": step_loss, "train/kd": float(sums[1]) / dist.world_size,
+                            **tail, "train/loss": step_loss, "train/kd": float(sums[1]) / dist.world_size,
                             "train/ce": float(sums[2]) / dist.world_size, "train/lr": engine.get_lr()[0],
                             "train/grad_norm": float(engine.get_global_grad_norm() or 0.0),
                             "train/tokens_per_s": float(global_tokens) / elapsed,
@@ -385,7 +388,8 @@ def train_stage(recipe: Recipe, stage: Stage, *, resume: bool = False, force: bo
             final = _dev_metrics(model, encoder, task, train_cfg, zero3_multi)
             run.log_metrics(final, step=step)
             model_dir = out_dir / "model"
-            probe = _export_probe(task, encoder)
+            probe_texts = _export_probe_texts(task)
+            probe = encoder.prompt_ids_batch(probe_texts)
             engine_outputs = generate_ids(model, encoder, probe, _GREEDY_PROBE, synced_gpus=zero3_multi)
             state = checkpoint.consolidated_state_dict(engine)
             if dist.is_main:
@@ -396,10 +400,8 @@ def train_stage(recipe: Recipe, stage: Stage, *, resume: bool = False, force: bo
                 if recipe.tracking.log_model and arch == "causal":
                     reloaded = load_model(_trained_spec(recipe, stage), path=str(model_dir))
                     run.log_hf_model(reloaded, tokenizer, "text-generation", recipe.tracking.register_model)
-                elif recipe.tracking.log_model:
-                    # transformers 5 has no encoder-decoder pipeline, so MLflow's transformers flavor cannot
-                    # wrap a seq2seq model: log the exported directory as artifacts instead.
-                    run.log_artifact(model_dir, "model")
+                elif recipe.tracking.log_model:  # no text2text pipeline in transformers 5: a pyfunc model
+                    run.log_seq2seq_model(model_dir, probe_texts[0], recipe.data, recipe.tracking.register_model)
                 checkpoint.atomic_write_text(out_dir / "DONE.json", json.dumps(
                     {"key": key, "run_id": run.run_id, "steps": step, "metrics": final}, indent=2))
                 run.set_tags({"dskd.model_dir": str(model_dir)})
@@ -411,10 +413,10 @@ def train_stage(recipe: Recipe, stage: Stage, *, resume: bool = False, force: bo
 _GREEDY_PROBE = DecodingConfig(strategy="greedy", max_new_tokens=16, batch_size=8)
 
 
-def _export_probe(task: TaskData, encoder: Encoder) -> list[list[int]]:
+def _export_probe_texts(task: TaskData) -> list[str]:
     """A few real inputs to compare the exported model against the engine that trained it."""
     rows = task.splits.get("dev") or task.splits["labeled"]
-    return encoder.prompt_ids_batch(rows["input"][:8])
+    return list(rows["input"][:8])
 
 
 def _trained_spec(recipe: Recipe, stage: Stage):

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from dskd.config import Recipe, TrackingConfig, flatten, to_yaml
+from dskd.config import DataConfig, Recipe, TrackingConfig, flatten, to_yaml
 
 log = logging.getLogger(__name__)
 
@@ -141,28 +141,55 @@ class Tracker:
             self._client.log_table(self.run_id, data=pd.DataFrame(rows), artifact_file=name)
 
     def log_hf_model(self, model, tokenizer, task: str, registered_name: str | None = None) -> None:
-        """The exported model as an MLflow model (transformers flavor), optionally registered.
-
-        The fluent API needs a process-wide tracking URI; set it only for this call and restore the environment
-        afterwards so later stages keep their own store.
-        """
+        """The exported causal LM as an MLflow model (transformers flavor), optionally registered."""
         if not self.active:
             return
-        import importlib.metadata as md
+        import mlflow
 
+        with self._fluent_run():
+            mlflow.transformers.log_model(
+                {"model": model, "tokenizer": tokenizer}, name="model", task=task,
+                registered_model_name=registered_name, pip_requirements=_pins("transformers", "torch", "safetensors"))
+
+    def log_seq2seq_model(self, model_dir: Path, example: str, data: DataConfig,
+                          registered_name: str | None = None) -> None:
+        """The exported encoder-decoder as an MLflow pyfunc model (see dskd/mlflow_seq2seq.py), optionally
+        registered: `mlflow.pyfunc.load_model(uri).predict([source])` returns the generated texts."""
+        if not self.active:
+            return
+        import mlflow
+        from mlflow.models import infer_signature
+
+        code = Path(__file__).with_name("mlflow_seq2seq.py")
+        signature = infer_signature([example], [""], params={"max_new_tokens": data.max_target_tokens, "num_beams": 1})
+        with self._fluent_run():
+            mlflow.pyfunc.log_model(
+                name="model", python_model=str(code), artifacts={"hf_model": str(model_dir)}, signature=signature, input_example=[example],
+                model_config={"max_input_tokens": data.max_input_tokens, "max_new_tokens": data.max_target_tokens},
+                registered_model_name=registered_name,
+                pip_requirements=_pins("mlflow", "transformers", "torch", "safetensors", "tokenizers"))
+
+    @contextmanager
+    def _fluent_run(self):
+        """MLflow's model logging uses the fluent API, which needs a process-wide tracking URI: set it for this
+        call only and restore the environment afterwards so later stages keep their own store."""
         import mlflow
 
         saved_env = os.environ.get("MLFLOW_TRACKING_URI")
         mlflow.set_tracking_uri(self.uri)
         try:
             with mlflow.start_run(run_id=self.run_id):
-                mlflow.transformers.log_model(
-                    {"model": model, "tokenizer": tokenizer}, name="model", task=task,
-                    registered_model_name=registered_name,
-                    pip_requirements=[f"{p}=={md.version(p)}" for p in ("transformers", "torch", "safetensors")])
+                yield
         finally:
             if saved_env is None:
                 os.environ.pop("MLFLOW_TRACKING_URI", None)
             else:
                 os.environ["MLFLOW_TRACKING_URI"] = saved_env
             mlflow.set_tracking_uri(saved_env or "")
+
+
+def _pins(*packages: str) -> list[str]:
+    """Exact versions of this environment, so the logged model reloads with what trained it."""
+    import importlib.metadata as md
+
+    return [f"{p}=={md.version(p)}" for p in packages]

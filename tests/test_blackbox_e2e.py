@@ -119,6 +119,8 @@ def test_serve_generate_over_http_with_a_kill_then_distill_with_ce_and_sparse_kd
     kd_history = [m.value for m in client.get_metric_history(runs["distill-kd"].info.run_id, "train/kd")]
     ce_history = [m.value for m in client.get_metric_history(runs["distill-ce"].info.run_id, "train/kd")]
     assert min(kd_history) > 0 and max(ce_history) == 0  # the KD student really trained on the sparse teacher
+    tail_history = [m.value for m in client.get_metric_history(runs["distill-kd"].info.run_id, "train/teacher_tail_mass")]
+    assert tail_history and all(0 <= t < 1 for t in tail_history)  # logged per step: it bounds the gradient error
 
     for path in out.rglob("*"):
         if path.is_file():

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import launch_env
+from tests.conftest import launch_env
 from dskd.config import ConfigError, Recipe, apply_overrides, flatten, load_recipe, parse_override
 
 
