@@ -38,6 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dskd.losses import KDLossConfig, kd_loss  # noqa: E402
+from dskd.losses.fused import bf16_input_gemms  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -123,7 +124,8 @@ def gemm_floor_steps(x: dict) -> dict:
     """The head GEMMs of one KD step alone, into preallocated outputs (what any exact method must do).
 
     For a bf16/fp16 model two more entries time the forward GEMMs in fp32 on upcast copies: exact
-    fp32 logits need them on a CPU, which has no bf16 x bf16 -> fp32 GEMM in torch.
+    fp32 logits need them on a CPU, which has no bf16 x bf16 -> fp32 GEMM in torch (for bf16, run as
+    the fused loss runs them: oneDNN with bf16 inputs, fp32 accumulation and output).
     """
     xs, ws = x["student_hidden"].detach(), x["student_weight"].detach()
     xt, wt = x["teacher_hidden"], x["teacher_weight"]
@@ -138,8 +140,14 @@ def gemm_floor_steps(x: dict) -> dict:
     }
     if ws.dtype != torch.float32:
         xs32, ws32, xt32, wt32, logits32 = xs.float(), ws.float(), xt.float(), wt.float(), torch.empty(n, v)
-        steps["teacher_fwd_fp32"] = lambda: torch.mm(xt32, wt32.T, out=logits32)
-        steps["student_fwd_fp32"] = lambda: torch.mm(xs32, ws32.T, out=logits32)
+        exact_fast = ws.dtype == torch.bfloat16  # the fused loss's exact bf16-input fp32 GEMMs (oneDNN)
+
+        def fp32_mm(a, b):
+            with bf16_input_gemms(exact_fast):
+                torch.mm(a, b.T, out=logits32)
+
+        steps["teacher_fwd_fp32"] = lambda: fp32_mm(xt32, wt32)
+        steps["student_fwd_fp32"] = lambda: fp32_mm(xs32, ws32)
     return steps
 
 

@@ -229,11 +229,12 @@ def run_demo(recipe: Recipe) -> EvalReport:
         store = run_generate(recipe, parent_run_id=pid, tracker=tracker)
         timings["generate"] = time.perf_counter() - t
         # Same number of optimizer steps for both students: the CE-only student's pool is the gold targets
-        # alone, so it runs proportionally more epochs over them.
+        # alone, so it runs proportionally more epochs over them (plus the JT student's closing CE phase).
         labeled = len(load_task(recipe, dist.is_main, needed=("labeled",)).splits["labeled"])
         pool_ratio = (labeled + len(PTStore(store).load())) / labeled
         ce_student = student_variant(recipe, "ce", loss="ce", sources=["gold"], student_pt_ratio=0.0,
-                                     epochs=recipe.distill.epochs * pool_ratio)
+                                     final_ce_epochs=0.0,
+                                     epochs=recipe.distill.epochs * pool_ratio + recipe.distill.final_ce_epochs)
         for variant in (ce_student, jt_student):
             t = time.perf_counter()
             train_stage(variant, "distill", parent_run_id=pid, tracker=tracker)

@@ -284,9 +284,30 @@ def _logits_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias:
     # peers have), and CPUs have no bf16 x bf16 -> fp32 GEMM in torch: upcast the weight one
     # vocabulary slice at a time so its fp32 copy stays small.
     step = max(1, UPCAST_SLICE_BYTES // (weight.shape[1] * out.element_size()))
-    for lo in range(0, weight.shape[0], step):
-        hi = min(lo + step, weight.shape[0])
-        _gemm_into(out[:, lo:hi], x, weight[lo:hi].to(out.dtype), None if bias is None else bias[lo:hi], scale)
+    with bf16_input_gemms(weight.dtype == torch.bfloat16 and x.device.type == "cpu"):
+        for lo in range(0, weight.shape[0], step):
+            hi = min(lo + step, weight.shape[0])
+            _gemm_into(out[:, lo:hi], x, weight[lo:hi].to(out.dtype), None if bias is None else bias[lo:hi], scale)
+
+
+@contextmanager
+def bf16_input_gemms(enabled: bool):
+    """Let oneDNN run fp32 GEMMs with bf16 inputs (fp32 accumulation and output).
+
+    Exact here, not an approximation: both operands were upcast from bf16, so rounding them back to bf16
+    changes nothing, and the bf16 products are exact in fp32. On CPUs with bf16 dot-product instructions
+    this is the fast path torch lacks as a bf16 x bf16 -> fp32 matmul.
+    """
+    matmul = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
+    if not enabled or matmul is None or not hasattr(matmul, "fp32_precision"):
+        yield
+        return
+    saved = matmul.fp32_precision
+    matmul.fp32_precision = "bf16"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = saved
 
 
 def _gemm_into(out, x, weight, bias, scale) -> None:
