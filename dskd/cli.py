@@ -135,10 +135,16 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(args, overrides: list[str], rank: int) -> int:
     from dskd.config import load_recipe
 
-    if args.stage == "demo" and args.blackbox:
-        from dskd.blackbox.demo import blackbox_demo_recipe, run_blackbox_demo
+    if args.stage == "demo":
+        if args.blackbox:
+            from functools import partial
 
-        recipe = load_recipe(args.config, overrides) if args.config else blackbox_demo_recipe(args.quick, overrides)
+            from dskd.blackbox.demo import blackbox_demo_recipe as packaged, run_blackbox_demo
+
+            run = partial(run_blackbox_demo, quick=args.quick)
+        else:
+            from dskd.pipeline import demo_recipe as packaged, run_demo as run
+        recipe = load_recipe(args.config, overrides) if args.config else packaged(args.quick, overrides)
         if args.print_recipe:
             from dskd.config import to_yaml
 
@@ -146,19 +152,7 @@ def _dispatch(args, overrides: list[str], rank: int) -> int:
             return 0
         if args.force:
             _clear_stage_markers(recipe)
-        run_blackbox_demo(recipe, quick=args.quick)
-    elif args.stage == "demo":
-        from dskd.pipeline import demo_recipe, run_demo
-
-        recipe = load_recipe(args.config, overrides) if args.config else demo_recipe(args.quick, overrides)
-        if args.print_recipe:
-            from dskd.config import to_yaml
-
-            print(to_yaml(recipe))
-            return 0
-        if args.force:
-            _clear_stage_markers(recipe)
-        run_demo(recipe)
+        run(recipe)
     else:
         recipe = load_recipe(args.config, overrides)
         if args.stage in ("teacher", "distill"):

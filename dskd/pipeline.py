@@ -195,14 +195,15 @@ def _metric_name(name: str) -> str:
 # ---------------------------------------------------------------------------------------------- demo
 
 
+def packaged_recipe(name: str, overrides: list[str] | None = None) -> Recipe:
+    """A recipe shipped in dskd/recipes/ (the demos'), with command-line overrides applied."""
+    with resources.as_file(resources.files("dskd") / "recipes" / name) as path:
+        return load_recipe(path, list(overrides or []))
+
+
 def demo_recipe(quick: bool, overrides: list[str] | None = None, output_dir: str | None = None) -> Recipe:
-    name = "demo_quick.yaml" if quick else "demo.yaml"
-    path = resources.files("dskd") / "recipes" / name
-    extra = list(overrides or [])
-    if output_dir:
-        extra.append(f"run.output_dir={output_dir}")
-    with resources.as_file(path) as p:
-        return load_recipe(p, extra)
+    extra = list(overrides or []) + ([f"run.output_dir={output_dir}"] if output_dir else [])
+    return packaged_recipe("demo_quick.yaml" if quick else "demo.yaml", extra)
 
 
 def student_variant(recipe: Recipe, name: str, **distill) -> Recipe:
@@ -243,14 +244,20 @@ def run_demo(recipe: Recipe) -> EvalReport:
         evaluation = recipe.model_copy(update={"evaluate": recipe.evaluate.model_copy(update={"students": ["ce", "jt"]})})
         report = run_evaluate(evaluation, parent_run_id=pid, tracker=tracker)
         timings["evaluate"] = time.perf_counter() - t
-        timings["total"] = time.perf_counter() - start
-        parent.log_metrics({f"time/{k}_s": v for k, v in timings.items()})
-        parent.log_dict(report.results, "demo_report.json")
-        parent.log_text(report.table, "demo_report.txt")
-    if dist.is_main:
-        uri = tracking_uri(recipe.tracking, recipe.run.output_dir)
-        print(f"[dskd] demo finished in {timings['total'] / 60:.1f} min "
-              f"({', '.join(f'{k} {v:.0f}s' for k, v in timings.items() if k != 'total')})")
-        print(f"[dskd] MLflow run: {pid} (experiment '{recipe.tracking.experiment}')")
-        print(f"[dskd] open it with:  mlflow ui --backend-store-uri {uri}")
+        finish_demo(recipe, parent, report, timings, start, "demo", dist.is_main)
     return report
+
+
+def finish_demo(recipe: Recipe, parent, report: EvalReport, timings: dict[str, float], start: float, label: str,
+                is_main: bool = True) -> None:
+    """Log a demo's stage timings and report on its parent run, and say where to look at it."""
+    timings["total"] = time.perf_counter() - start
+    parent.log_metrics({f"time/{k}_s": v for k, v in timings.items()})
+    parent.log_dict(report.results, "demo_report.json")
+    parent.log_text(report.table, "demo_report.txt")
+    if is_main:
+        uri = tracking_uri(recipe.tracking, recipe.run.output_dir)
+        print(f"[dskd] {label} finished in {timings['total'] / 60:.1f} min "
+              f"({', '.join(f'{k} {v:.0f}s' for k, v in timings.items() if k != 'total')})")
+        print(f"[dskd] MLflow run: {parent.run_id} (experiment '{recipe.tracking.experiment}')")
+        print(f"[dskd] open it with:  mlflow ui --backend-store-uri {uri}")

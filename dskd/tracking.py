@@ -164,7 +164,8 @@ class Tracker:
         signature = infer_signature([example], [""], params={"max_new_tokens": data.max_target_tokens, "num_beams": 1})
         with self._fluent_run():
             mlflow.pyfunc.log_model(
-                name="model", python_model=str(code), artifacts={"hf_model": str(model_dir)}, signature=signature, input_example=[example],
+                name="model", python_model=str(code), artifacts={"hf_model": str(model_dir)},
+                signature=signature, input_example=[example],
                 model_config={"max_input_tokens": data.max_input_tokens, "max_new_tokens": data.max_target_tokens},
                 registered_model_name=registered_name,
                 pip_requirements=_pins("mlflow", "transformers", "torch", "safetensors", "tokenizers"))

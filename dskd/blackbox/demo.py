@@ -10,21 +10,19 @@ on dev next to the teacher. Everything is one parent MLflow run in the black-box
 from __future__ import annotations
 
 import time
-from importlib import resources
 
-from dskd.config import Recipe, load_recipe
+from dskd.config import Recipe
 from dskd.distill import train_stage
-from dskd.pipeline import EvalReport, demo_recipe, run_evaluate, run_generate, student_variant
+from dskd.pipeline import (EvalReport, demo_recipe, finish_demo, packaged_recipe, run_evaluate, run_generate,
+                           student_variant)
 from dskd.serve import serve_in_subprocess
-from dskd.tracking import Tracker, tracking_uri
+from dskd.tracking import Tracker
 
 STUDENTS = (("bb-ce", "ce"), ("bb-kd", "kd"))  # (student name, distill.loss)
 
 
 def blackbox_demo_recipe(quick: bool, overrides: list[str] | None = None) -> Recipe:
-    name = "demo_blackbox_quick.yaml" if quick else "demo_blackbox.yaml"
-    with resources.as_file(resources.files("dskd") / "recipes" / name) as path:
-        return load_recipe(path, list(overrides or []))
+    return packaged_recipe("demo_blackbox_quick.yaml" if quick else "demo_blackbox.yaml", overrides)
 
 
 def run_blackbox_demo(recipe: Recipe, *, quick: bool) -> EvalReport:
@@ -64,11 +62,5 @@ def run_blackbox_demo(recipe: Recipe, *, quick: bool) -> EvalReport:
             "students": [name for name, _ in STUDENTS], "include_teacher": True})})
         report = run_evaluate(evaluation, parent_run_id=parent.run_id, tracker=tracker)
         timings["evaluate"] = time.perf_counter() - t
-        timings["total"] = time.perf_counter() - start
-        parent.log_metrics({f"time/{k}_s": v for k, v in timings.items()})
-        parent.log_dict(report.results, "demo_report.json")
-        parent.log_text(report.table, "demo_report.txt")
-    print(f"[dskd] black-box demo finished in {timings['total'] / 60:.1f} min "
-          f"({', '.join(f'{k} {v:.0f}s' for k, v in timings.items() if k != 'total')})")
-    print(f"[dskd] open it with:  mlflow ui --backend-store-uri {tracking_uri(recipe.tracking, recipe.run.output_dir)}")
+        finish_demo(recipe, parent, report, timings, start, "black-box demo")
     return report
