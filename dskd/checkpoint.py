@@ -15,16 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+
+from dskd.atomic import atomic_write_text
 
 LATEST = "latest_complete"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def rng_state() -> dict:
@@ -41,8 +36,6 @@ def set_rng_state(state: dict) -> None:
 
 
 def save(engine, root: Path, step: int, client_state: dict, *, is_main: bool, tag: str | None = None) -> str:
-    import torch.distributed as dist
-
     tag = tag or f"step{step:08d}"
     engine.save_checkpoint(str(root), tag=tag, client_state={**client_state, "rng": rng_state()}, save_latest=False)
     if dist.is_initialized():
@@ -84,8 +77,6 @@ def prune_old(root: Path, keep: int, is_main: bool) -> None:
 
 def consolidated_state_dict(engine) -> dict[str, torch.Tensor] | None:
     """Full weights on rank 0 from any ZeRO stage (None on other ranks)."""
-    import torch.distributed as dist
-
     if engine.zero_optimization_partition_weights():
         sd = engine._zero3_consolidated_16bit_state_dict()
     else:

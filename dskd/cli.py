@@ -15,6 +15,12 @@ import logging
 import os
 import sys
 import warnings
+from functools import partial
+
+from dskd import preemption
+from dskd.config import ConfigError, load_recipe, to_yaml
+from dskd.layout import clear_done_markers
+from dskd.serve.options import add_arguments as add_serve_arguments
 
 STAGES = ("teacher", "generate", "distill", "evaluate", "demo")
 
@@ -52,8 +58,6 @@ def _parser() -> argparse.ArgumentParser:
                                 "http://127.0.0.1:8000/v1")
         p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="recipe overrides")
     serve_help = "serve a local Hugging Face model as an OpenAI-compatible endpoint (black-box teacher)"
-    from dskd.serve import add_arguments as add_serve_arguments
-
     add_serve_arguments(sub.add_parser("serve-teacher", help=serve_help, description=serve_help))
     return parser
 
@@ -89,8 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
     _quiet_libraries(rank)
     if args.stage == "serve-teacher":
-        from dskd.config import ConfigError
-        from dskd.serve import serve_main
+        from dskd.serve.cli import serve_main  # heavy (torch, transformers): loaded only for this command
 
         try:
             return serve_main(args)
@@ -98,10 +101,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"dskd: error: {exc}", file=sys.stderr)
             return 2
 
-    from dskd.config import ConfigError, load_recipe
+    # The stages and their errors import torch and DeepSpeed: loaded only after the arguments parsed.
     from dskd.blackbox.generate import EndpointGenerationStopped
-    from dskd import preemption
-    from dskd.distill import TrainingDiverged
+    from dskd.trainer import TrainingDiverged
 
     overrides = list(args.overrides)
     if args.output_dir:
@@ -124,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dskd: error: {exc}", file=sys.stderr)
         return 4
     finally:
-        from dskd.engines import shutdown_distributed
+        from dskd.engines import shutdown_distributed  # DeepSpeed: heavy, and loaded by then if it matters
 
         try:
             shutdown_distributed()
@@ -133,50 +135,36 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args, overrides: list[str], rank: int) -> int:
-    from dskd.config import load_recipe
-
+    # Stage modules are heavy (torch, DeepSpeed, transformers): imported once the command is known.
     if args.stage == "demo":
-        if args.blackbox:
-            from functools import partial
+        from dskd.stages import demo
 
-            from dskd.blackbox.demo import blackbox_demo_recipe as packaged, run_blackbox_demo
-
-            run = partial(run_blackbox_demo, quick=args.quick)
-        else:
-            from dskd.pipeline import demo_recipe as packaged, run_demo as run
+        packaged = demo.blackbox_demo_recipe if args.blackbox else demo.demo_recipe
+        run = partial(demo.run_blackbox_demo, quick=args.quick) if args.blackbox else demo.run_demo
         recipe = load_recipe(args.config, overrides) if args.config else packaged(args.quick, overrides)
         if args.print_recipe:
-            from dskd.config import to_yaml
-
             print(to_yaml(recipe))
             return 0
         if args.force:
-            _clear_stage_markers(recipe)
+            clear_done_markers(recipe.run.output_dir)
         run(recipe)
+        return 0
+    recipe = load_recipe(args.config, overrides)
+    if args.stage in ("teacher", "distill"):
+        from dskd.stages.train import train_stage
+
+        result = train_stage(recipe, args.stage, resume=args.resume == "auto", force=args.force)
+        if rank == 0 and not result.skipped:
+            print(f"[dskd] {args.stage}: {result.steps} steps; model in {result.model_dir}")
+    elif args.stage == "generate":
+        from dskd.stages.generate import run_generate
+
+        run_generate(recipe)
     else:
-        recipe = load_recipe(args.config, overrides)
-        if args.stage in ("teacher", "distill"):
-            from dskd.distill import train_stage
+        from dskd.stages.evaluate import run_evaluate
 
-            result = train_stage(recipe, args.stage, resume=args.resume == "auto", force=args.force)
-            if rank == 0 and not result.skipped:
-                print(f"[dskd] {args.stage}: {result.steps} steps; model in {result.model_dir}")
-        elif args.stage == "generate":
-            from dskd.pipeline import run_generate
-
-            run_generate(recipe)
-        else:
-            from dskd.pipeline import run_evaluate
-
-            run_evaluate(recipe)
+        run_evaluate(recipe)
     return 0
-
-
-def _clear_stage_markers(recipe) -> None:
-    from pathlib import Path
-
-    for marker in Path(recipe.run.output_dir).glob("**/DONE.json"):
-        marker.unlink()
 
 
 if __name__ == "__main__":

@@ -14,6 +14,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
+# The KD divergences, defined once: DistillConfig validates recipes against it, dskd.losses derives
+# DIVERGENCES and types KDLossConfig.divergence from it (this module must stay importable without torch).
+Divergence = Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"]
+Implementation = Literal["fused", "naive", "compiled"]  # the KD loss kernels (dskd.losses)
+
+
 class ConfigError(ValueError):
     """A recipe that cannot run: the message names the key or file and what to change."""
 
@@ -108,7 +114,7 @@ class TrainConfig(Strict):
     eval_every: int = 0  # steps; 0 = at the end of each epoch
     eval_examples: int = 200
     save_every: int = 0  # steps; 0 = only at the end (and on SIGUSR1/SIGTERM)
-    loss_impl: Literal["fused", "naive", "compiled"] = "fused"
+    loss_impl: Implementation = "fused"
     chunk_size: int = 1024
 
 
@@ -170,7 +176,7 @@ class GenerateConfig(Strict):
 
 class DistillConfig(TrainConfig):
     loss: Literal["kd", "ce"] = "kd"
-    divergence: Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"] = "forward_kl"
+    divergence: Divergence = "forward_kl"
     temperature: float = Field(1.0, gt=0)
     t2_scaling: bool = True
     beta: float = Field(0.5, ge=0, le=1)

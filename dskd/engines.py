@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import math
 import os
 import socket
 from contextlib import contextmanager, redirect_stdout
@@ -18,7 +17,11 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
+import deepspeed
+import deepspeed.comm.comm as ds_comm
+import deepspeed.utils.groups as ds_groups
 import torch
+import torch.distributed as dist
 
 from dskd.config import ConfigError, TeacherConfig, TrainConfig
 
@@ -61,9 +64,6 @@ _ENV_WE_SET: set[str] = set()
 
 def init_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> DistInfo:
     """Join (or create, for a plain single process) the process group DeepSpeed expects."""
-    import deepspeed
-    import torch.distributed as dist
-
     _env_from_slurm()
     if "RANK" not in os.environ and not dist.is_initialized():
         single = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
@@ -85,8 +85,6 @@ def init_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> Dis
 
 def shutdown_distributed() -> None:
     """A barrier before destroying the group: without it a 2-rank gloo run sometimes aborts at exit."""
-    import torch.distributed as dist
-
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
@@ -100,9 +98,6 @@ def _forget_deepspeed_groups() -> None:
     """DeepSpeed caches its comm backend and clones of the world group in module globals; drop them so a
     later init in this process (tests, notebooks, `dskd demo`'s stages) builds fresh ones instead of
     handing a destroyed group to torch."""
-    import deepspeed.comm.comm as ds_comm
-    import deepspeed.utils.groups as ds_groups
-
     ds_comm.cdb = None
     for name, value in vars(ds_groups).items():
         if name.startswith("_") and name.endswith(("_GROUP", "_GROUP_RANKS")):
@@ -111,10 +106,6 @@ def _forget_deepspeed_groups() -> None:
             else:
                 setattr(ds_groups, name, None)
     ds_groups.mesh_device = None
-
-
-def bf16_supported(device: torch.device) -> bool:
-    return device.type == "cpu" or torch.cuda.is_bf16_supported()
 
 
 def student_ds_config(train: TrainConfig, world_size: int, dtype: str) -> dict:
@@ -187,8 +178,6 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def create_student_engine(module: torch.nn.Module, train: TrainConfig, total_steps: int, dist: DistInfo, dtype: str):
-    import deepspeed
-
     config = student_ds_config(train, dist.world_size, dtype)
     o = train.optim
     optimizer = None
@@ -223,14 +212,7 @@ def create_teacher_engine(module: torch.nn.Module, teacher: TeacherConfig, micro
         p.requires_grad_(False)
     if teacher.quantization != "none":
         return module.eval()
-    import deepspeed
-
     with _captured_stdout():
         engine, _, _, _ = deepspeed.initialize(model=module, config=teacher_ds_config(teacher, micro_batch_size))
     engine.eval()
     return engine
-
-
-def steps_per_epoch(num_examples: int, micro_batch_size: int, grad_accum: int, world_size: int) -> int:
-    micro = math.ceil(num_examples / (micro_batch_size * world_size))
-    return max(1, math.ceil(micro / grad_accum))

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import (
+    BitsAndBytesConfig,
     AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
@@ -67,8 +68,6 @@ def check_model_source(spec: ModelConfig, role: str) -> None:
 def _quantization_config(kind: str):
     if kind == "none":
         return None
-    from transformers import BitsAndBytesConfig
-
     if kind == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
@@ -114,6 +113,15 @@ def load_model(spec: ModelConfig, path: str | None = None, vocab_size: int | Non
                           "changes the architecture of a pretrained model") from exc
     _check_loading(info, source)
     return model
+
+
+def build_model(spec, tokenizer, path: str | None = None):
+    """Load `spec` (from `path`), or build it from its config with the tokenizer's special token ids."""
+    if spec.init == "config" and path is None:
+        special = {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id,
+                   "bos_token_id": tokenizer.bos_token_id, "decoder_start_token_id": tokenizer.pad_token_id}
+        spec = spec.model_copy(update={"config": {**special, **spec.config}})
+    return load_model(spec, path=path, vocab_size=len(tokenizer))
 
 
 def _check_loading(info: dict, source: str) -> None:

@@ -5,15 +5,17 @@ The paper's objectives differ only in where the targets come from and how they a
   - logits KD: gold (and/or teacher PT) targets, KL to the teacher;
   - sequence-level KD: teacher PTs, cross-entropy;
   - many PTs: epoch e uses PT number e mod K of every input;
-  - Joint-Teaching: on a share of micro-batches the targets are sampled from the current student on the fly.
+  - Joint-Teaching: on a share of micro-batches the targets are sampled from the current student on the fly
+    (`dskd.joint_teaching`).
 `TrainingPool` produces an epoch's (prompt, target) pairs deterministically from (seed, epoch) and a rank's
-shard of them; `uses_student_targets` says which micro-batches switch to student samples.
+shard of them; `loss_config` is a phase's fused-loss setting.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Iterator
 
 import datasets
 import torch
@@ -53,6 +55,23 @@ class TrainingPool:
     def __len__(self) -> int:
         return len(self.gold) + len(self.pt_prompts)
 
+    def micro_batches_per_epoch(self, micro_batch_size: int, world_size: int) -> int:
+        """Per rank: every rank takes as many micro-batches as the others (see `rank_order`)."""
+        return math.ceil(len(self) / (micro_batch_size * world_size))
+
+    def stream(self, seed: int, rank: int, world_size: int, micro_batch_size: int,
+               start: int = 0) -> Iterator[tuple[int, list[Pair]]]:
+        """(micro index within the phase, this rank's pairs) forever, epoch after epoch, from `start` (exact
+        resume: the order of epoch e depends on (seed, e) only)."""
+        per_epoch = self.micro_batches_per_epoch(micro_batch_size, world_size)
+        index = start
+        while True:
+            epoch, offset = divmod(index, per_epoch)
+            order = self.rank_order(epoch, seed, rank, world_size, micro_batch_size)
+            for i in range(offset, per_epoch):
+                yield index, order[i * micro_batch_size:(i + 1) * micro_batch_size]
+                index += 1
+
     def epoch_pairs(self, epoch: int) -> list[Pair]:
         pairs = list(self.gold)
         for prompt, group in zip(self.pt_prompts, self.pt_targets):
@@ -71,11 +90,6 @@ class TrainingPool:
         return [pairs[i] for i in order[rank::world_size]]
 
 
-def uses_student_targets(micro_index: int, ratio: float) -> bool:
-    """Spread student-sampled micro-batches evenly: ratio 0.5 = every second one, as in the paper's code."""
-    return math.floor((micro_index + 1) * ratio) > math.floor(micro_index * ratio)
-
-
 def loss_config(cfg: DistillConfig, ce_only: bool) -> KDLossConfig:
     """The fused loss settings for a phase; CE phases (teacher fine-tuning, final CE, loss=ce) need no teacher."""
     if ce_only or cfg.loss == "ce":
@@ -83,42 +97,3 @@ def loss_config(cfg: DistillConfig, ce_only: bool) -> KDLossConfig:
     return KDLossConfig(divergence=cfg.divergence, temperature=cfg.temperature, t2_scaling=cfg.t2_scaling,
                         beta=cfg.beta, alpha=cfg.alpha, kd_weight=1.0, ce_weight=cfg.ce_weight,
                         chunk_size=cfg.chunk_size, implementation=cfg.loss_impl)
-
-
-class StudentWithLoss(torch.nn.Module):
-    """The module the student engine wraps: hidden states -> fused loss, inside the engine's forward.
-
-    Running the loss inside forward is what makes ZeRO-3 work: the LM-head weight is registered as an
-    external parameter of this module, so DeepSpeed gathers it for the loss and routes its gradient back to
-    the partition. The model's own head never produces full-vocabulary logits here.
-    """
-
-    def __init__(self, model, vocab_size: int):
-        super().__init__()
-        from dskd.losses.zero import register_head_for_loss
-        from dskd.models import HiddenStateLM
-
-        self.lm = HiddenStateLM(model)
-        self.vocab_size = vocab_size
-        register_head_for_loss(self, self.lm.head()[0])
-
-    @property
-    def hf_model(self):
-        return self.lm.model
-
-    def forward(self, batch: dict, config: KDLossConfig, normalizer: torch.Tensor,
-                teacher_hidden: torch.Tensor | None = None,
-                teacher_head: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)):
-        from dskd.losses import kd_loss
-
-        hidden = self.lm(batch)
-        weight, bias = self.lm.head()
-        if "teacher_top_ids" in batch:  # black-box KD: the teacher's top-k targets came with the batch
-            from dskd.losses.sparse import sparse_kd_loss
-
-            return sparse_kd_loss(hidden, weight, batch["teacher_top_ids"], batch["teacher_top_probs"],
-                                  batch["targets"], batch["target_mask"], config=config, normalizer=normalizer,
-                                  student_bias=bias, vocab_size=self.vocab_size)
-        return kd_loss(hidden, weight, teacher_hidden, teacher_head[0], batch["targets"], batch["target_mask"],
-                       config=config, normalizer=normalizer, student_bias=bias, teacher_bias=teacher_head[1],
-                       vocab_size=self.vocab_size)

@@ -7,12 +7,19 @@ Other ranks get a tracker whose methods do nothing, so call sites need no rank c
 
 from __future__ import annotations
 
+import importlib.metadata as md
 import json
 import logging
 import os
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+import mlflow
+import pandas as pd
+from mlflow.entities import Metric, Param
+from mlflow.models import infer_signature
 
 from dskd.config import DataConfig, Recipe, TrackingConfig, flatten, to_yaml
 
@@ -37,8 +44,6 @@ class Tracker:
         self.run_id: str | None = None
         self._client = None
         if self.active:
-            import mlflow
-
             os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
             self.uri = tracking_uri(cfg, self.output_dir)
             self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -88,8 +93,6 @@ class Tracker:
     def log_recipe(self, recipe: Recipe) -> None:
         if not self.active:
             return
-        from mlflow.entities import Param
-
         params = [Param(k[:250], v[:6000]) for k, v in flatten(recipe).items()]
         for i in range(0, len(params), 100):
             self._client.log_batch(self.run_id, params=params[i:i + 100])
@@ -97,17 +100,11 @@ class Tracker:
 
     def log_params(self, params: dict) -> None:
         if self.active:
-            from mlflow.entities import Param
-
-            self._client.log_batch(self.run_id, params=[Param(str(k)[:250], str(v)[:6000]) for k, v in params.items()])
+                self._client.log_batch(self.run_id, params=[Param(str(k)[:250], str(v)[:6000]) for k, v in params.items()])
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         if not self.active or not metrics:
             return
-        import time
-
-        from mlflow.entities import Metric
-
         now = int(time.time() * 1000)
         batch = [Metric(k.replace("@", "_"), float(v), now, step or 0) for k, v in metrics.items() if v is not None]
         self._client.log_batch(self.run_id, metrics=batch)
@@ -136,16 +133,12 @@ class Tracker:
     def log_table(self, rows: list[dict], name: str) -> None:
         """A table the MLflow UI renders (artifact JSON in its table format)."""
         if self.active and rows:
-            import pandas as pd
-
             self._client.log_table(self.run_id, data=pd.DataFrame(rows), artifact_file=name)
 
     def log_hf_model(self, model, tokenizer, task: str, registered_name: str | None = None) -> None:
         """The exported causal LM as an MLflow model (transformers flavor), optionally registered."""
         if not self.active:
             return
-        import mlflow
-
         with self._fluent_run():
             mlflow.transformers.log_model(
                 {"model": model, "tokenizer": tokenizer}, name="model", task=task,
@@ -157,9 +150,6 @@ class Tracker:
         registered: `mlflow.pyfunc.load_model(uri).predict([source])` returns the generated texts."""
         if not self.active:
             return
-        import mlflow
-        from mlflow.models import infer_signature
-
         code = Path(__file__).with_name("mlflow_seq2seq.py")
         signature = infer_signature([example], [""], params={"max_new_tokens": data.max_target_tokens, "num_beams": 1})
         with self._fluent_run():
@@ -174,8 +164,6 @@ class Tracker:
     def _fluent_run(self):
         """MLflow's model logging uses the fluent API, which needs a process-wide tracking URI: set it for this
         call only and restore the environment afterwards so later stages keep their own store."""
-        import mlflow
-
         saved_env = os.environ.get("MLFLOW_TRACKING_URI")
         mlflow.set_tracking_uri(self.uri)
         try:
@@ -191,6 +179,4 @@ class Tracker:
 
 def _pins(*packages: str) -> list[str]:
     """Exact versions of this environment, so the logged model reloads with what trained it."""
-    import importlib.metadata as md
-
     return [f"{p}=={md.version(p)}" for p in packages]

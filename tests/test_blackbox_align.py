@@ -8,7 +8,7 @@ import pytest
 
 from dskd.blackbox.align import Aligner, char_map
 from dskd.blackbox.client import TeacherToken
-from dskd.blackbox.tokens import SurfaceVocab, token_pieces
+from dskd.tokens import SurfaceVocab, token_pieces
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import yaml
 
 from dskd.config import load_recipe
 from dskd.data.pt_store import PTStore, weights_fingerprint
-from dskd.distill import train_stage
+from dskd.stages.train import train_stage
 from tests.conftest import tiny_config_kwargs
 from tests.test_blackbox_support import ROOT, served_teacher, write_teacher
 

@@ -14,11 +14,12 @@ import mlflow
 import pyarrow.parquet as pq
 import pytest
 
-from dskd.blackbox.generate import EndpointGenerationStopped, generate_from_endpoint
+from dskd.blackbox.generate import EndpointGenerationStopped
 from dskd.blackbox.prompts import TemplateError
 from dskd.config import load_recipe
 from dskd.data.pt_store import PTStore
 from dskd.preemption import Preempted
+from dskd.stages.generate import run_generate
 from tests.conftest import tiny_config_kwargs
 from tests.test_blackbox_support import ScriptedEndpoint, completion_reply
 
@@ -75,17 +76,17 @@ def test_a_template_naming_a_missing_field_fails_before_any_request(tiny_task, t
     with ScriptedEndpoint(default=(200, answer)) as stub:
         recipe = recipe_for(tiny_task, tmp_path, stub.url, prompt_template="{input} ({title})")
         with pytest.raises(TemplateError, match=r"\{title\}.*available fields: id, input, split"):
-            generate_from_endpoint(recipe)
+            run_generate(recipe)
         recipe = recipe_for(tiny_task, tmp_path, stub.url, few_shot=[{"input": "def f(): pass"}])
         with pytest.raises(TemplateError, match=r"few_shot\[0\] lacks target"):
-            generate_from_endpoint(recipe)
+            run_generate(recipe)
         assert stub.requests == []
 
 
 def test_failures_empty_generations_tokens_and_cost_are_counted_and_the_key_stays_secret(tiny_task, tmp_path, capsys):
     with ScriptedEndpoint(default=(200, answer)) as stub:
         recipe = recipe_for(tiny_task, tmp_path, stub.url, tracking=True)
-        store = PTStore(generate_from_endpoint(recipe))
+        store = PTStore(run_generate(recipe))
     out = capsys.readouterr()
     rows = {r["id"]: r for r in store.load()}
     failures = json.loads((store.root / "failures.json").read_text())
@@ -122,7 +123,7 @@ def test_failures_empty_generations_tokens_and_cost_are_counted_and_the_key_stay
     no_key_anywhere(tmp_path, out.out, out.err)
 
     with ScriptedEndpoint(default=(200, completion_reply(["Open the socket."] * 2, logprobs=True))) as stub:
-        generate_from_endpoint(recipe_for(tiny_task, tmp_path, stub.url))  # only the failed inputs are asked again
+        run_generate(recipe_for(tiny_task, tmp_path, stub.url))  # only the failed inputs are asked again
         assert len([r for r in stub.requests if r["json"] is not None]) == len(failures)
     assert len(store.load()) == INPUTS and not (store.root / "failures.json").exists()
 
@@ -141,12 +142,12 @@ def test_an_unreachable_endpoint_stops_with_progress_saved_and_a_rerun_completes
         recipe = recipe_for(tiny_task, tmp_path, stub.url)
         stopped = r"no usable answer.*HTTP 503.*of 80 inputs have PTs.*rerun"
         with pytest.raises(EndpointGenerationStopped, match=stopped):
-            generate_from_endpoint(recipe)
+            run_generate(recipe)
     store = PTStore(tmp_path / "pts")
     saved = shard_ids(store)
     assert len(saved) == 20 and len(set(saved)) == 20 and not store.is_complete()
     with ScriptedEndpoint(default=(200, flaky_after(10**6))) as stub:  # back, on another port: same teacher
-        generate_from_endpoint(recipe_for(tiny_task, tmp_path, stub.url))
+        run_generate(recipe_for(tiny_task, tmp_path, stub.url))
         assert len([r for r in stub.requests if r["json"] is not None]) == INPUTS - 20
     assert sorted(shard_ids(store)) == sorted(r["id"] for r in store.load()) and len(store.load()) == INPUTS
 
@@ -155,7 +156,7 @@ def test_the_request_budget_stops_the_run_and_keeps_what_it_bought(tiny_task, tm
     with ScriptedEndpoint(default=(200, flaky_after(10**6))) as stub:
         recipe = recipe_for(tiny_task, tmp_path, stub.url, request_budget=9)
         with pytest.raises(EndpointGenerationStopped, match="request_budget"):
-            generate_from_endpoint(recipe)
+            run_generate(recipe)
         assert len(stub.requests) == 9  # GET /models + 8 completions
     assert len(shard_ids(PTStore(tmp_path / "pts"))) == 8
 
@@ -172,13 +173,13 @@ def test_sigterm_flushes_finished_inputs_and_asks_for_a_requeue(tiny_task, tmp_p
     with ScriptedEndpoint(default=(200, reply)) as stub:
         recipe = recipe_for(tiny_task, tmp_path, stub.url)
         with pytest.raises(Preempted, match="rerun to continue"):
-            generate_from_endpoint(recipe)
+            run_generate(recipe)
         store = PTStore(tmp_path / "pts")
         saved = shard_ids(store)
         assert len(saved) >= 30 - 8 and len(set(saved)) == len(saved)  # flushed (<= 8 were in flight), once
         assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler is restored
         count["n"] = -(10**6)
-        generate_from_endpoint(recipe)
+        run_generate(recipe)
     assert len(shard_ids(store)) == INPUTS and len(store.load()) == INPUTS
 
 
@@ -198,7 +199,7 @@ def test_cli_generate_with_teacher_endpoint_exits_4_when_the_endpoint_is_gone(ti
 
 
 def test_demo_recipes_validate_and_the_configs_copy_is_the_packaged_one():
-    from dskd.blackbox.demo import blackbox_demo_recipe
+    from dskd.stages.demo import blackbox_demo_recipe
 
     packaged = blackbox_demo_recipe(quick=False)
     assert load_recipe(Path(__file__).resolve().parents[1] / "configs" / "demo_blackbox.yaml") == packaged

@@ -23,14 +23,14 @@ def write_teacher(directory: Path, tokenizer, arch: str = "seq2seq", seed: int =
     text of varying length rather than byte soup; causal: a plain random Llama."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-    from dskd.blackbox.tokens import _anchor_id, piece_in_context
+    from dskd.tokens import anchor_id, piece_in_context
 
     torch.manual_seed(seed)
     model_type = "bart" if arch == "seq2seq" else "llama"
     config = AutoConfig.for_model(model_type, **tiny_config_kwargs(model_type, len(tokenizer)))
     model = (AutoModelForSeq2SeqLM if arch == "seq2seq" else AutoModelForCausalLM).from_config(config)
     if arch == "seq2seq":
-        anchor = _anchor_id(tokenizer)
+        anchor = anchor_id(tokenizer)
         with torch.no_grad():
             for token_id in range(len(tokenizer)):
                 piece = piece_in_context(tokenizer, token_id, anchor)
@@ -48,7 +48,7 @@ def write_teacher(directory: Path, tokenizer, arch: str = "seq2seq", seed: int =
 def served_teacher(model_dir: Path, workdir: Path, *extra: str, env: dict | None = None, timeout: float = 90.0):
     """`dskd serve-teacher` as a real subprocess on 127.0.0.1 (a free port), one torch thread; yields (URL, process).
     Its log is workdir/url-<ns>.log."""
-    from dskd.serve import serve_in_subprocess
+    from dskd.serve.cli import serve_in_subprocess
 
     with serve_in_subprocess(model_dir, workdir / f"url-{time.time_ns()}.log", "--threads", "1", *extra,
                              env={"OMP_NUM_THREADS": "1", **(env or {})}, timeout_s=timeout) as served:

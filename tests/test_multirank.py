@@ -66,7 +66,7 @@ def test_two_rank_zero3_student_and_teacher_match_one_rank(tiny_task, tmp_path):
 def test_deepspeed_launcher_sharded_teacher_generates_the_same_pts_as_one_rank(tiny_task, tmp_path):
     from dskd.config import load_recipe
     from dskd.data.pt_store import PTStore
-    from dskd.pipeline import run_generate
+    from dskd.stages.generate import run_generate
 
     base = tiny_recipe(tiny_task, tmp_path / "one", teacher={"finetune": False}, run={"dist_timeout_minutes": 3})
     one = PTStore(run_generate(load_recipe(base=base))).load()

@@ -12,8 +12,9 @@ import pytest
 
 from dskd.config import load_recipe
 from dskd.data.pt_store import PTStore
-from dskd.distill import train_stage
-from dskd.pipeline import run_evaluate, run_generate
+from dskd.stages.train import train_stage
+from dskd.stages.evaluate import run_evaluate
+from dskd.stages.generate import run_generate
 from tests.conftest import tiny_recipe
 
 

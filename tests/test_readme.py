@@ -25,7 +25,7 @@ def test_readme_shows_exactly_the_commands_ci_runs():
 
 
 def test_demo_recipes_ship_with_the_package_and_validate():
-    from dskd.pipeline import demo_recipe
+    from dskd.stages.demo import demo_recipe
 
     for quick in (True, False):
         recipe = demo_recipe(quick)

@@ -15,7 +15,7 @@ import yaml
 
 from dskd import checkpoint
 from dskd.config import load_recipe
-from dskd.pipeline import run_generate
+from dskd.stages.generate import run_generate
 from tests.conftest import launch_env, tiny_recipe
 
 

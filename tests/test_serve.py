@@ -12,10 +12,11 @@ import requests
 import torch
 
 from dskd.blackbox.client import EndpointClient, SamplingParams
-from dskd.blackbox.tokens import SurfaceVocab, token_pieces
+from dskd.tokens import SurfaceVocab, token_pieces
 from dskd.config import EndpointConfig
 from dskd.data.pt_store import weights_fingerprint
-from dskd.serve import RequestError, RowSampler, SampleRow, ServeConfig, TeacherRunner
+from dskd.serve.options import ServeConfig
+from dskd.serve.runner import RequestError, RowSampler, SampleRow, TeacherRunner
 from tests.test_blackbox_support import served_teacher, write_teacher
 
 PROMPT = "def get_name(self):\n    return self.name"

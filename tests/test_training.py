@@ -8,7 +8,8 @@ import pytest
 
 from dskd import checkpoint
 from dskd.config import load_recipe
-from dskd.distill import TrainingDiverged, train_stage
+from dskd.stages.train import train_stage
+from dskd.trainer import TrainingDiverged
 from tests.conftest import tiny_config_kwargs, tiny_recipe
 
 RANDOM_TEACHER = {"finetune": False}

@@ -2,11 +2,12 @@
 
   prompts.py   prompt templates (+ few-shot examples), checked before any request
   client.py    the HTTP client: concurrency-safe retries with backoff, request budget, token/cost counters
-  tokens.py    token ids <-> text pieces for any tokenizer
   align.py     the endpoint's tokens + top-k log-probs -> sparse teacher targets on the student's tokens
-  generate.py  `dskd generate` with generate.endpoint: resumable PT generation into the PT store
+  generate.py  EndpointPTSource: the PT source of `dskd generate` with generate.endpoint (resumable)
   targets.py   the training side: PT pairs with their sparse targets, batched for the sparse KD loss
-  demo.py      `dskd demo --blackbox`: the demo's teacher served over HTTP, students without labels
 
-The server side (`dskd serve-teacher`) is `dskd.serve`; the sparse KD loss is `dskd.losses.sparse`.
+Token ids <-> text pieces for any tokenizer (shared with the server) are `dskd.tokens`. The server side
+(`dskd serve-teacher`) is `dskd.serve`; the sparse KD loss is `dskd.losses.sparse`; the teacher signal that
+reads the stored top-k during training is `dskd.teachers.StoredTopKTeacher`; `dskd demo --blackbox` is in
+`dskd.stages.demo`.
 """

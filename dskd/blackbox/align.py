@@ -22,7 +22,7 @@ import math
 from dataclasses import dataclass
 
 from dskd.blackbox.client import TeacherToken
-from dskd.blackbox.tokens import SurfaceVocab, token_pieces
+from dskd.tokens import SurfaceVocab, token_pieces
 
 
 @dataclass

@@ -22,7 +22,6 @@ import math
 import random
 import re
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 from urllib.parse import urlsplit, urlunsplit

@@ -1,5 +1,7 @@
 """`dskd generate` with generate.endpoint: pseudo-targets from an OpenAI-compatible endpoint, resumably.
 
+`EndpointPTSource` is the stage's PT source for an endpoint (the stage skeleton is `dskd.stages.generate`).
+
 For every labeled/unlabeled input (labels are never sent): render the prompt template, ask for K samples
 (n, temperature, top_p, max_tokens, a per-input seed) and, for logits KD, the top-k log-probabilities; turn
 the texts into student targets and align the log-probs to the student's tokens (`dskd.blackbox.align`).
@@ -22,9 +24,11 @@ import os
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from pathlib import Path
+
+from tqdm.auto import tqdm
 
 from dskd import preemption
+from dskd.atomic import atomic_write_text
 from dskd.blackbox.align import Aligner, AlignmentStats
 from dskd.blackbox.client import (
     BudgetExhausted,
@@ -33,11 +37,14 @@ from dskd.blackbox.client import (
     EndpointUnavailable,
     InputFailed,
     SamplingParams,
+    public_url,
 )
 from dskd.blackbox.prompts import PromptBuilder
 from dskd.config import ConfigError, EndpointConfig, Recipe
 from dskd.data.collate import Encoder, Formatting
 from dskd.data.pt_store import PTStore
+from dskd.data.task import TaskData
+from dskd.pt_sources import Outcome
 from dskd.tracking import Tracker
 
 FLUSH_SECONDS = 10.0  # a shard at least this often while results come in
@@ -226,104 +233,98 @@ def _store_meta(recipe: Recipe, teacher: dict, tokenizer, data_fingerprint: str)
             "num_return_sequences": sampling.n, "source": "endpoint"}
 
 
-def generate_from_endpoint(recipe: Recipe, *, parent_run_id: str | None = None, tracker: Tracker | None = None) -> Path:
-    """The `dskd generate` stage for generate.endpoint; returns the PT store directory."""
-    from tqdm.auto import tqdm
+class EndpointPTSource:
+    """The `dskd.pt_sources.PTSource` for generate.endpoint: rank 0 alone asks the endpoint (HTTP concurrency,
+    not ranks, parallelizes it), so there is no process group."""
 
-    from dskd.blackbox.client import public_url
-    from dskd.data.task import check_data_paths, load_task
-    from dskd.distill import pt_store_dir, stage_tokenizer
+    def __init__(self, recipe: Recipe, store: PTStore):
+        self.recipe, self.store, self.cfg = recipe, store, recipe.generate.endpoint
+        self.active = int(os.environ.get("RANK", "0")) == 0
 
-    cfg = recipe.generate.endpoint
-    store = PTStore(pt_store_dir(recipe))
-    if int(os.environ.get("RANK", "0")) != 0:  # HTTP concurrency, not ranks, parallelizes endpoint generation
-        return store.root
-    if not cfg.url:
-        raise ConfigError("generate.endpoint.url is not set: give the endpoint's base URL in the recipe or with "
-                          "`dskd generate --teacher-endpoint http://host:port/v1`")
-    PromptBuilder.from_config(cfg)  # a bad template fails before anything loads or any request goes out
-    api_key = read_api_key(cfg)
-    check_data_paths(recipe)
-    task = load_task(recipe, True, needed=tuple(recipe.generate.splits))
-    tokenizer = stage_tokenizer(recipe, task, "distill")
-    d = recipe.data
-    encoder = Encoder(tokenizer, Formatting("seq2seq", d.max_input_tokens, d.max_target_tokens, d.causal_separator))
-    rows = [{"id": f"{split}:{r['id']}", "split": split, "input": r["input"]}
-            for split in recipe.generate.splits for r in task.require(split).select_columns(["id", "input"])]
+    def check(self) -> None:
+        if not self.cfg.url:
+            raise ConfigError("generate.endpoint.url is not set: give the endpoint's base URL in the recipe or with "
+                              "`dskd generate --teacher-endpoint http://host:port/v1`")
+        PromptBuilder.from_config(self.cfg)  # a bad template fails before anything loads or any request goes out
+        self.api_key = read_api_key(self.cfg)
 
-    client = EndpointClient(cfg, api_key)
-    teacher = _teacher_identity(client)
-    store.write_meta(_store_meta(recipe, teacher, tokenizer, task.fingerprint))
-    done = store.completed_ids()
-    pending = [r for r in rows if r["id"] not in done]
-    aligner = Aligner(tokenizer) if top_logprobs_wanted(recipe) else None
+    def start(self) -> bool:
+        return True  # the only process that generates
 
-    tracker = tracker or Tracker(recipe.tracking, recipe.run.output_dir)
-    tags = {"dskd.stage": "generate", "dskd.teacher": f"{teacher['model']} @ {teacher['endpoint']}",
-            "dskd.teacher_fingerprint": teacher["fingerprint"], "dskd.data_fingerprint": task.fingerprint,
-            "dskd.pt_dataset": str(store.root)}
-    with tracker.run("generate", parent_id=parent_run_id, tags=tags) as run:
-        params = {f"endpoint.{k}": v for k, v in _store_meta(recipe, teacher, tokenizer, "")["decoding"].items()}
-        params.update({"endpoint.url": public_url(cfg.url), "endpoint.model": teacher["model"],
-                       "endpoint.api_key_env": cfg.api_key_env, "endpoint.concurrency": cfg.concurrency,
-                       "endpoint.max_retries": cfg.max_retries, "endpoint.request_budget": cfg.request_budget,
-                       "generate.splits": recipe.generate.splits, "generate.inputs": len(rows)})
-        run.log_params(params)
-        job = EndpointGeneration(recipe, client, encoder, store, aligner, run)
-        start = time.perf_counter()
+    def prepare(self, task: TaskData, tokenizer) -> None:
+        self.encoder = Encoder(tokenizer, Formatting.from_data(self.recipe.data, "seq2seq"))
+        self.rows = [{"id": f"{split}:{r['id']}", "split": split, "input": r["input"]}
+                     for split in self.recipe.generate.splits
+                     for r in task.require(split).select_columns(["id", "input"])]
+        self.inputs = len(self.rows)
+        self.client = EndpointClient(self.cfg, self.api_key)
+        self.teacher = _teacher_identity(self.client)
+        self.meta = _store_meta(self.recipe, self.teacher, tokenizer, task.fingerprint)
+        self.store.write_meta(self.meta)
+        self.done = self.store.completed_ids()
+        self.pending = [r for r in self.rows if r["id"] not in self.done]
+        self.aligner = Aligner(tokenizer) if top_logprobs_wanted(self.recipe) else None
+
+    def tags(self) -> dict[str, str]:
+        return {"dskd.teacher": f"{self.teacher['model']} @ {self.teacher['endpoint']}",
+                "dskd.teacher_fingerprint": self.teacher["fingerprint"]}
+
+    def params(self) -> dict:
+        cfg = self.cfg
+        return {**{f"endpoint.{k}": v for k, v in self.meta["decoding"].items()},
+                "endpoint.url": public_url(cfg.url), "endpoint.model": self.teacher["model"],
+                "endpoint.api_key_env": cfg.api_key_env, "endpoint.concurrency": cfg.concurrency,
+                "endpoint.max_retries": cfg.max_retries, "endpoint.request_budget": cfg.request_budget}
+
+    def generate(self, run: Tracker) -> None:
+        self.job = EndpointGeneration(self.recipe, self.client, self.encoder, self.store, self.aligner, run)
+        progress, total = self.job.progress, len(self.rows)
         try:
-            with preemption.handling(), tqdm(total=len(rows), initial=len(rows) - len(pending),
-                                             desc="PTs (endpoint)", unit="ex", dynamic_ncols=True) as bar:
-                job.run(pending, bar)
+            with tqdm(total=total, initial=total - len(self.pending), desc="PTs (endpoint)", unit="ex",
+                      dynamic_ncols=True) as bar:
+                self.job.run(self.pending, bar)
         except preemption.Preempted:
-            _report_failures(store, job.progress.failures)
+            _report_failures(self.store, progress.failures)
             raise preemption.Preempted(
-                f"generate: stopped by a signal; {len(done) + job.progress.written} of {len(rows)} inputs are saved "
-                f"in {store.root}; rerun to continue (exit {preemption.EXIT_CODE})") from None
+                f"generate: stopped by a signal; {len(self.done) + progress.written} of {total} inputs are saved "
+                f"in {self.store.root}; rerun to continue (exit {preemption.EXIT_CODE})") from None
         except EndpointGenerationStopped as exc:
-            _report_failures(store, job.progress.failures)
-            saved = len(done) + job.progress.written
+            _report_failures(self.store, progress.failures)
+            saved = len(self.done) + progress.written
             raise EndpointGenerationStopped(
-                f"generate stopped: {exc}. {saved} of {len(rows)} inputs have PTs in {store.root} and are kept; "
+                f"generate stopped: {exc}. {saved} of {total} inputs have PTs in {self.store.root} and are kept; "
                 "rerun `dskd generate` to continue (finished inputs are skipped)") from None
-        seconds = time.perf_counter() - start
-        _report_failures(store, job.progress.failures)
-        completed = store.completed_ids()
-        store.merge(expected_ids=[r["id"] for r in rows if r["id"] in completed])
-        metrics = {**job.metrics(), "generate/inputs": len(completed), "generate/resumed_inputs": len(done),
-                   "generate/pts": len(completed) * job.sampling.n, "generate/seconds": seconds,
-                   "generate/inputs_per_s": job.progress.written / seconds if seconds > 0 else 0.0, **task.metrics()}
-        run.log_metrics(metrics, step=job.progress.written)
-        run.log_artifact(store.meta_path)
-        if job.progress.failures:
-            run.log_artifact(store.root / "failures.json")
-    _print_summary(store, metrics, job, len(rows))
-    return store.root
+
+    def finish(self) -> Outcome:
+        progress = self.job.progress
+        _report_failures(self.store, progress.failures)
+        completed = self.store.completed_ids()
+        self.store.merge(expected_ids=[r["id"] for r in self.rows if r["id"] in completed])
+        return Outcome(inputs=len(completed), resumed=len(self.done), new=progress.written,
+                       metrics=self.job.metrics(), step=progress.written,
+                       artifacts=[self.store.root / "failures.json"] if progress.failures else [])
+
+    def print_summary(self, metrics: dict) -> None:
+        m, job, store = metrics, self.job, self.store
+        line = (f"[dskd] generate (endpoint {job.client.public_base}, model {job.client.model}): "
+                f"{int(m['generate/inputs'])}/{len(self.rows)} inputs x {job.sampling.n} PTs in {store.root} "
+                f"({m['generate/seconds']:.0f}s); {int(m['generate/requests'])} requests "
+                f"({int(m['generate/retries'])} retries), {int(m['generate/prompt_tokens'])} prompt + "
+                f"{int(m['generate/completion_tokens'])} completion tokens, cost {m['generate/cost']:.4f}; "
+                f"empty PTs {int(m['generate/empty_pts'])}")
+        if job.aligner is not None:
+            line += (f"; aligned positions {m['generate/aligned_fraction']:.1%}, mean teacher tail mass "
+                     f"{m['generate/teacher_tail_mass_mean']:.3f}")
+        print(line)
+        failed = len(job.progress.failures)
+        if failed:
+            print(f"[dskd] generate: WARNING {failed} inputs failed (no usable answer; listed in "
+                  f"{store.root / 'failures.json'}); the store holds the others. Rerun to retry the failed ones.")
 
 
 def _report_failures(store: PTStore, failures: dict[str, str]) -> None:
     path = store.root / "failures.json"
     if failures:
-        from dskd.checkpoint import atomic_write_text
-
         atomic_write_text(path, json.dumps(failures, indent=2, sort_keys=True))
     elif path.exists():
         path.unlink()
-
-
-def _print_summary(store: PTStore, metrics: dict, job: EndpointGeneration, total: int) -> None:
-    m = metrics
-    line = (f"[dskd] generate (endpoint {job.client.public_base}, model {job.client.model}): "
-            f"{int(m['generate/inputs'])}/{total} inputs x {job.sampling.n} PTs in {store.root} "
-            f"({m['generate/seconds']:.0f}s); {int(m['generate/requests'])} requests "
-            f"({int(m['generate/retries'])} retries), {int(m['generate/prompt_tokens'])} prompt + "
-            f"{int(m['generate/completion_tokens'])} completion tokens, cost {m['generate/cost']:.4f}; "
-            f"empty PTs {int(m['generate/empty_pts'])}")
-    if job.aligner is not None:
-        line += (f"; aligned positions {m['generate/aligned_fraction']:.1%}, mean teacher tail mass "
-                 f"{m['generate/teacher_tail_mass_mean']:.3f}")
-    print(line)
-    failed = len(job.progress.failures)
-    if failed:
-        print(f"[dskd] generate: WARNING {failed} inputs failed (no usable answer; listed in "
-              f"{store.root / 'failures.json'}); the store holds the others. Rerun to retry the failed ones.")

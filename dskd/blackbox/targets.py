@@ -8,7 +8,7 @@ cost nothing until used) and lays them out like `targets`:
     teacher_top_ids   long  [B, T, S]   student token ids, at the positions where target_mask is True
     teacher_top_probs float [B, T, S]   teacher probabilities (padding slots: 0, with a repeated real id)
 
-so `StudentWithLoss` can hand them to `dskd.losses.sparse.sparse_kd_loss` for either architecture.
+so `dskd.teachers.StoredTopKTeacher` can hand them to `dskd.losses.sparse.sparse_kd_loss` for either architecture.
 """
 
 from __future__ import annotations

@@ -30,6 +30,11 @@ class Formatting:
     max_target_tokens: int = 64
     causal_separator: str = "\n=> "
 
+    @classmethod
+    def from_data(cls, data, arch: Arch) -> "Formatting":
+        """From a recipe's `data` section (`dskd.config.DataConfig`) and the model's architecture."""
+        return cls(arch, data.max_input_tokens, data.max_target_tokens, data.causal_separator)
+
 
 @dataclass
 class TruncationCounter:

@@ -25,10 +25,13 @@ import time
 from pathlib import Path
 from typing import Iterable
 
+import datasets
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
+
+from dskd.atomic import atomic_write
 
 SCHEMA = pa.schema([
     ("id", pa.string()),
@@ -47,16 +50,6 @@ REQUIRED_META = ("decoding", "seed", "teacher", "data_fingerprint")
 
 class StoreMismatchError(ValueError):
     """The store on disk was made for other PTs (another teacher, decoding config, seed or data)."""
-
-
-def _atomic_write_bytes(path: Path, write) -> None:
-    """Write through `write(file)` to a temporary sibling, fsync, then rename over `path`."""
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    with open(tmp, "wb") as handle:
-        write(handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def _identity(meta: dict) -> dict:
@@ -97,7 +90,7 @@ class PTStore:
             return
         self.shard_dir.mkdir(parents=True, exist_ok=True)
         meta = {**meta, "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        _atomic_write_bytes(self.meta_path, lambda f: f.write(json.dumps(meta, indent=2, sort_keys=True).encode()))
+        atomic_write(self.meta_path, lambda f: f.write(json.dumps(meta, indent=2, sort_keys=True).encode()))
 
     def read_meta(self) -> dict:
         if not self.meta_path.exists():
@@ -130,7 +123,7 @@ class PTStore:
         table = pa.Table.from_pylist([{name: row[name] for name in schema.names} for row in rows], schema=schema)
         self.shard_dir.mkdir(parents=True, exist_ok=True)
         path = self.shard_dir / f"rank{rank:05d}-{time.time_ns():020d}-{os.getpid()}.parquet"
-        _atomic_write_bytes(path, lambda f: pq.write_table(table, f))
+        atomic_write(path, lambda f: pq.write_table(table, f))
         return path
 
     # ----------------------------------------------------------------------------------------- merge
@@ -156,7 +149,7 @@ class PTStore:
                     f"in the data (e.g. {extra[:3]}); rerun generation into this store to fill the gaps "
                     "(finished ids are skipped), or use a new PT directory if the data changed")
         table = table.sort_by("id")
-        _atomic_write_bytes(self.merged_path, lambda f: pq.write_table(table, f))
+        atomic_write(self.merged_path, lambda f: pq.write_table(table, f))
         shutil.rmtree(self.cache_dir, ignore_errors=True)  # load()'s Arrow copy of an older merge
         for stale in self.shard_dir.glob(".tmp-*") if self.shard_dir.exists() else []:
             stale.unlink(missing_ok=True)
@@ -195,8 +188,6 @@ class PTStore:
 
     def load(self):
         """The merged PTs as a memory-mapped `datasets.Dataset` (its cache lives inside the store)."""
-        import datasets
-
         if not self.is_complete():
             raise FileNotFoundError(f"{self.merged_path} does not exist: PT generation into {self.root} has not "
                                     "finished (rerun `dskd generate`; finished ids are skipped)")

@@ -13,9 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
+import torch.distributed as dist
 
 from dskd.config import ConfigError, Recipe
+from dskd.data.docstrings import build_docstring_task
 from dskd.data.sources import LoadReport, load_split
+from dskd.data.tokenizer import train_bpe_tokenizer
 
 SPLITS = ("labeled", "unlabeled", "dev", "test")
 
@@ -40,17 +43,12 @@ class TaskData:
 
 
 def _barrier() -> None:
-    import torch.distributed as dist
-
     if dist.is_initialized():
         dist.barrier()
 
 
 def _embedded_files(recipe: Recipe, is_main: bool) -> tuple[dict[str, str], str, Path]:
     """Build (rank 0) or reuse the docstring task and its tokenizer under <output_dir>/data."""
-    from dskd.data.docstrings import build_docstring_task
-    from dskd.data.tokenizer import train_bpe_tokenizer
-
     cache = Path(recipe.run.output_dir) / "data"
     if is_main:
         build = build_docstring_task(cache)

@@ -28,63 +28,20 @@ Conventions (shared by every implementation):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal, NamedTuple
-
 import torch
 
+from dskd.losses.base import (
+    DIVERGENCES,
+    IMPLEMENTATIONS,
+    KDLossConfig,
+    KDLossOutput,
+    LossInputs,
+    resolve_normalizer,
+)
+from dskd.losses.compiled import compiled_kd_loss
+from dskd.losses.fused import fused_kd_loss
+from dskd.losses.naive import naive_kd_loss
 from dskd.losses.zero import gathered, is_partitioned, register_head_for_loss
-
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
-IMPLEMENTATIONS = ("fused", "naive", "compiled")
-
-
-@dataclass(frozen=True)
-class KDLossConfig:
-    """What to compute; one object so that recipes map onto it field by field."""
-
-    divergence: Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"] = "forward_kl"
-    temperature: float = 1.0
-    t2_scaling: bool = True  # multiply the KD term by T^2 (explicit, applied once)
-    beta: float = 0.5  # generalized JSD weight; beta=0 / 1 are exactly the KLs
-    alpha: float = 0.1  # skew KL mixing
-    kd_weight: float = 1.0  # weight of the soft term
-    ce_weight: float = 0.0  # weight of hard-label CE on `targets` (at T=1)
-    chunk_size: int = 1024
-    implementation: Literal["fused", "naive", "compiled"] = "fused"
-
-    def __post_init__(self) -> None:
-        if self.divergence not in DIVERGENCES:
-            raise ValueError(f"KDLossConfig.divergence={self.divergence!r}: choose one of {DIVERGENCES}")
-        if self.implementation not in IMPLEMENTATIONS:
-            raise ValueError(f"KDLossConfig.implementation={self.implementation!r}: choose one of {IMPLEMENTATIONS}")
-        if not float(self.temperature) > 0:
-            raise ValueError(f"KDLossConfig.temperature={self.temperature}: must be > 0")
-        if not 0.0 <= float(self.beta) <= 1.0:
-            raise ValueError(f"KDLossConfig.beta={self.beta}: must be in [0, 1]")
-        if not 0.0 <= float(self.alpha) <= 1.0:
-            raise ValueError(f"KDLossConfig.alpha={self.alpha}: must be in [0, 1]")
-        if self.kd_weight < 0 or self.ce_weight < 0:
-            raise ValueError(f"KDLossConfig: kd_weight={self.kd_weight}, ce_weight={self.ce_weight} must be >= 0")
-        if int(self.chunk_size) < 1:
-            raise ValueError(f"KDLossConfig.chunk_size={self.chunk_size}: must be >= 1")
-
-    @property
-    def kd_scale(self) -> float:
-        """Factor on the summed divergence: T^2 when requested, else 1."""
-        t = float(self.temperature)
-        return t * t if self.t2_scaling else 1.0
-
-
-class KDLossOutput(NamedTuple):
-    """What kd_loss returns. A NamedTuple (not a dataclass) so that a module returning it from its
-    forward under ZeRO-3 still gets DeepSpeed's backward hooks on ``loss`` (DeepSpeed walks tuples,
-    lists and dicts only; without the hooks the registered head is not gathered for backward)."""
-
-    loss: torch.Tensor  # scalar with graph: (kd_weight*KD_sum + ce_weight*CE_sum) / normalizer
-    kd: torch.Tensor  # detached: KD_sum / normalizer (T^2 included when t2_scaling)
-    ce: torch.Tensor  # detached: CE_sum / normalizer (NaN when no targets were given)
-    num_tokens: torch.Tensor  # detached local count of valid tokens
 
 
 def kd_loss(
@@ -117,27 +74,16 @@ def kd_loss(
         config, student_bias, teacher_bias, vocab_size,
     )
     num_valid = int(mask.sum())
-    norm = _resolve_normalizer(normalizer, num_valid)
+    norm = resolve_normalizer(normalizer, num_valid)
     if config.implementation == "naive":
-        from dskd.losses.naive import naive_kd_loss as implementation
+        implementation = naive_kd_loss
     elif config.implementation == "compiled":
-        from dskd.losses.compiled import compiled_kd_loss as implementation
+        implementation = compiled_kd_loss
     else:
-        from dskd.losses.fused import fused_kd_loss as implementation
-    return implementation(
-        student_hidden, student_weight, teacher_hidden, teacher_weight, targets, mask,
-        config=config, normalizer=norm, student_bias=student_bias, teacher_bias=teacher_bias, vocab_size=vocab,
-    )
-
-
-def _resolve_normalizer(normalizer: float | torch.Tensor | None, num_valid: int) -> float:
-    """The divisor as a Python float; an all-masked batch divides 0 by 1 instead of by 0."""
-    value = float(num_valid if normalizer is None else normalizer)
-    if value < 0 or value != value:
-        raise ValueError(f"kd_loss: normalizer={value} must be a non-negative count of valid tokens")
-    if num_valid > 0 and value == 0:
-        raise ValueError(f"kd_loss: normalizer is 0 but {num_valid} tokens are valid; pass the global valid-token count")
-    return max(value, 1.0) if num_valid == 0 else value
+        implementation = fused_kd_loss
+    inputs = LossInputs(student_hidden, student_weight, teacher_hidden, teacher_weight, targets, mask,
+                        student_bias, teacher_bias)
+    return implementation(inputs, config=config, normalizer=norm, vocab_size=vocab)
 
 
 def _validated(student_hidden, student_weight, teacher_hidden, teacher_weight, targets, mask, config,
@@ -189,9 +135,11 @@ def _check_head(name: str, hidden: torch.Tensor, weight: torch.Tensor, bias: tor
 
 __all__ = [
     "DIVERGENCES",
+    "IMPLEMENTATIONS",
     "KDLossConfig",
     "KDLossOutput",
     "gathered",
     "kd_loss",
     "register_head_for_loss",
+    "resolve_normalizer",
 ]

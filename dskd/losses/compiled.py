@@ -19,7 +19,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from dskd.losses.fused import GradAccumulator, Plan, Problem, Result, finish, fused_kd_loss
+from dskd.losses.base import DIVERGENCES
+from dskd.losses.fused import GradAccumulator, Plan, Problem, Result, finish, fused_kd_loss, resolved_divergence
 
 
 def compiled_kd_loss(*args, **kwargs):
@@ -46,7 +47,7 @@ def run_chunks_compiled(problem: Problem) -> Result:
             problem.teacher_w, problem.teacher_b,
             None if problem.targets is None else _pad(problem.targets[start:stop], chunk),
             valid, *scalars,
-            divergence=_resolved_divergence(plan), use_teacher=plan.use_teacher, need_grad=plan.need_grad,
+            divergence=resolved_divergence(plan), use_teacher=plan.use_teacher, need_grad=plan.need_grad,
             ce_grad=plan.need_grad and plan.ce_ratio > 0, compute=compute,
         )
         kd_sum += kd
@@ -128,23 +129,7 @@ def _tvd(q, log_q, p, log_p, beta, alpha):
     return 0.5 * (q - p).abs().sum(-1), 0.5 * q * (s - (q * s).sum(-1, keepdim=True))
 
 
-_DIVERGENCES = {
-    "forward_kl": _forward_kl,
-    "reverse_kl": _reverse_kl,
-    "jsd": _jsd,
-    "skew_forward_kl": _skew_forward_kl,
-    "skew_reverse_kl": _skew_reverse_kl,
-    "tvd": _tvd,
-}
-
-
-def _resolved_divergence(plan: Plan) -> str:
-    """JSD's and the skew KLs' endpoints are the plain KLs (their formulas degenerate there)."""
-    if plan.divergence == "jsd" and plan.beta in (0.0, 1.0):
-        return "forward_kl" if plan.beta == 0.0 else "reverse_kl"
-    if plan.divergence.startswith("skew_") and plan.alpha == 0.0:
-        return plan.divergence.removeprefix("skew_")
-    return plan.divergence
+_DIVERGENCES = {name: globals()[f"_{name}"] for name in DIVERGENCES}
 
 
 def _static_chunk(chunk_size: int, n: int) -> int:

@@ -29,12 +29,11 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 
-if TYPE_CHECKING:
-    from dskd.losses import KDLossConfig, KDLossOutput
+from dskd.losses.base import DIVERGENCES, KDLossConfig, KDLossOutput, LossInputs
 
 # On CPU, row blocks of about this many bytes per [block, V] buffer keep the block buffers in cache.
 BLOCK_BYTES = 2 << 20
@@ -43,29 +42,17 @@ UPCAST_SLICE_BYTES = 16 << 20
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
-def fused_kd_loss(
-    student_hidden: torch.Tensor,
-    student_weight: torch.Tensor,
-    teacher_hidden: torch.Tensor | None,
-    teacher_weight: torch.Tensor | None,
-    targets: torch.Tensor | None,
-    mask: torch.Tensor,
-    *,
-    config: KDLossConfig,
-    normalizer: float,
-    student_bias: torch.Tensor | None = None,
-    teacher_bias: torch.Tensor | None = None,
-    vocab_size: int,
-    runner: Callable[[Problem], Result] | None = None,
-) -> KDLossOutput:
+def fused_kd_loss(inputs: LossInputs, *, config: KDLossConfig, normalizer: float, vocab_size: int,
+                  runner: Callable[[Problem], Result] | None = None) -> KDLossOutput:
     """Arguments as :func:`dskd.losses.kd_loss`, with ``normalizer`` and ``vocab_size`` resolved.
 
     ``runner`` computes the sums and gradients of a :class:`Problem` (default: :func:`run_chunks`);
     :mod:`dskd.losses.compiled` passes its compiled chunk loop here.
     """
-    from dskd.losses import KDLossOutput
-
     runner = runner or run_chunks
+    student_hidden, student_weight, student_bias = inputs.student_hidden, inputs.student_weight, inputs.student_bias
+    teacher_hidden, teacher_weight, teacher_bias = inputs.teacher_hidden, inputs.teacher_weight, inputs.teacher_bias
+    targets, mask = inputs.targets, inputs.mask
     wants_grad = [t is not None and t.requires_grad for t in (student_hidden, student_weight, student_bias)]
     problem = Problem.build(
         student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
@@ -345,7 +332,7 @@ def _block_step(zs, zt, tgt, scratch, minus_ce, plan: Plan):
     if unit_t and tgt is not None:
         ce = -zs.gather(1, tgt).sum()
     zt.sub_(_softmax_and_lse(zt, p))  # log p
-    kd = _DIVERGENCES[plan.divergence](q, zs, p, zt, tmp, plan)
+    kd = _DIVERGENCES[resolved_divergence(plan)](q, zs, p, zt, tmp, plan)
     if plan.need_grad and plan.ce_ratio > 0:
         zs.add_(q if unit_t else ce_probs, alpha=plan.ce_ratio)
         zs.scatter_add_(1, tgt, minus_ce)
@@ -386,11 +373,7 @@ def _reverse_kl(q, log_q, p, log_p, tmp, plan):
 
 
 def _jsd(q, log_q, p, log_p, tmp, plan):
-    beta = plan.beta
-    if beta == 0.0:  # the endpoints are defined as the KLs (the formula degenerates there)
-        return _forward_kl(q, log_q, p, log_p, tmp, plan)
-    if beta == 1.0:
-        return _reverse_kl(q, log_q, p, log_p, tmp, plan)
+    beta = plan.beta  # in (0, 1): the endpoints are the KLs (`resolved_divergence`)
     _mixture(tmp, p, beta, q).log_()  # log m
     teacher_part = log_p.sub_(tmp).mul_(p).sum()  # sum p (log p - log m)
     log_q.sub_(tmp)  # g / (1 - beta)
@@ -403,9 +386,7 @@ def _jsd(q, log_q, p, log_p, tmp, plan):
 
 
 def _skew_forward_kl(q, log_q, p, log_p, tmp, plan):
-    alpha = plan.alpha
-    if alpha == 0.0:
-        return _forward_kl(q, log_q, p, log_p, tmp, plan)
+    alpha = plan.alpha  # > 0: at 0 this is forward KL (`resolved_divergence`)
     _mixture(tmp, p, alpha, q)  # r
     torch.div(p, tmp, out=log_q)  # w = p / r
     loss = log_p.sub_(tmp.log_()).mul_(p).sum()  # sum p (log p - log r)
@@ -417,9 +398,7 @@ def _skew_forward_kl(q, log_q, p, log_p, tmp, plan):
 
 
 def _skew_reverse_kl(q, log_q, p, log_p, tmp, plan):
-    alpha = plan.alpha
-    if alpha == 0.0:
-        return _reverse_kl(q, log_q, p, log_p, tmp, plan)
+    alpha = plan.alpha  # > 0: at 0 this is reverse KL (`resolved_divergence`)
     _mixture(tmp, q, alpha, p)  # r
     torch.div(q, tmp, out=p)  # u = q / r
     log_q.sub_(tmp.log_())  # d = log q - log r
@@ -447,14 +426,16 @@ def _mixture(out, a, weight, b):
     return out.clamp_min_(torch.finfo(out.dtype).tiny)
 
 
-_DIVERGENCES: dict[str, Kernel] = {
-    "forward_kl": _forward_kl,
-    "reverse_kl": _reverse_kl,
-    "jsd": _jsd,
-    "skew_forward_kl": _skew_forward_kl,
-    "skew_reverse_kl": _skew_reverse_kl,
-    "tvd": _tvd,
-}
+_DIVERGENCES: dict[str, Kernel] = {name: globals()[f"_{name}"] for name in DIVERGENCES}
+
+
+def resolved_divergence(plan: Plan) -> str:
+    """JSD's and the skew KLs' endpoints are the plain KLs (their formulas degenerate there)."""
+    if plan.divergence == "jsd" and plan.beta in (0.0, 1.0):
+        return "forward_kl" if plan.beta == 0.0 else "reverse_kl"
+    if plan.divergence.startswith("skew_") and plan.alpha == 0.0:
+        return plan.divergence.removeprefix("skew_")
+    return plan.divergence
 
 
 class GradAccumulator:

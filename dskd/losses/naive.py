@@ -8,31 +8,17 @@ debugging and as the oracle in tests, not for training at scale.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-if TYPE_CHECKING:
-    from dskd.losses import KDLossConfig, KDLossOutput
+from dskd.losses.base import KDLossConfig, KDLossOutput, LossInputs
 
 
-def naive_kd_loss(
-    student_hidden: torch.Tensor,
-    student_weight: torch.Tensor,
-    teacher_hidden: torch.Tensor | None,
-    teacher_weight: torch.Tensor | None,
-    targets: torch.Tensor | None,
-    mask: torch.Tensor,
-    *,
-    config: KDLossConfig,
-    normalizer: float,
-    student_bias: torch.Tensor | None = None,
-    teacher_bias: torch.Tensor | None = None,
-    vocab_size: int,
-) -> KDLossOutput:
-    from dskd.losses import KDLossOutput
-
+def naive_kd_loss(inputs: LossInputs, *, config: KDLossConfig, normalizer: float, vocab_size: int) -> KDLossOutput:
+    student_hidden, student_weight, student_bias = inputs.student_hidden, inputs.student_weight, inputs.student_bias
+    teacher_hidden, teacher_weight, teacher_bias = inputs.teacher_hidden, inputs.teacher_weight, inputs.teacher_bias
+    targets, mask = inputs.targets, inputs.mask
     with torch.autocast(student_hidden.device.type, enabled=False):  # fp32 logits, even under autocast
         compute = _compute_dtype(student_hidden, student_weight, teacher_hidden, teacher_weight)
         hidden = student_hidden[mask].to(compute)

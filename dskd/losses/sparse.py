@@ -29,15 +29,13 @@ probability 0 (`dskd.blackbox.targets` builds them that way).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:
-    from dskd.losses import KDLossConfig, KDLossOutput
+from dskd.losses.base import KDLossConfig, KDLossOutput, resolve_normalizer
 
 
-def check_sparse_config(config: "KDLossConfig") -> None:
+def check_sparse_config(config: KDLossConfig) -> None:
     """Sparse KD supports what a top-k teacher can define; say what to change otherwise."""
     if config.divergence != "forward_kl":
         raise ValueError(f"sparse (top-k teacher) KD supports divergence=forward_kl only, not {config.divergence}: "
@@ -55,11 +53,11 @@ def sparse_kd_loss(
     targets: torch.Tensor | None,
     mask: torch.Tensor,
     *,
-    config: "KDLossConfig",
+    config: KDLossConfig,
     normalizer: float | torch.Tensor | None = None,
     student_bias: torch.Tensor | None = None,
     vocab_size: int | None = None,
-) -> "KDLossOutput":
+) -> KDLossOutput:
     """KD against a sparse teacher (+ optional hard-label CE), from the student's hidden states and head.
 
     student_hidden [..., H] (with grad), student_weight [V_rows, H] (ZeRO-3: gathered by the caller),
@@ -67,14 +65,12 @@ def sparse_kd_loss(
     targets long [...] (needed when ce_weight > 0), mask bool [...]. Returns `KDLossOutput` with
     loss = (kd_weight * KD_sum + ce_weight * CE_sum) / normalizer.
     """
-    from dskd.losses import KDLossOutput, _resolve_normalizer
-
     check_sparse_config(config)
     lead = tuple(student_hidden.shape[:-1])
     vocab = int(vocab_size or student_weight.shape[0])
     _validate(student_hidden, student_weight, top_ids, top_probs, targets, mask, config, lead, vocab)
     rows = mask.reshape(-1).nonzero().squeeze(1)
-    norm = _resolve_normalizer(normalizer, rows.numel())
+    norm = resolve_normalizer(normalizer, rows.numel())
     problem = _SparseProblem(
         x=student_hidden.detach().reshape(-1, student_hidden.shape[-1]).index_select(0, rows),
         weight=student_weight.detach()[:vocab],
@@ -133,7 +129,7 @@ class _SparseProblem:
     hidden_shape: torch.Size
     weight_rows: int
     bias_shape: torch.Size | None
-    config: "KDLossConfig"
+    config: KDLossConfig
     normalizer: float
     wants_grad: list[bool]  # hidden, weight, bias
 

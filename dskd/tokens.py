@@ -1,6 +1,6 @@
 """Token ids <-> the text they stand for, for any Hugging Face tokenizer.
 
-Endpoints describe their tokens as text pieces; the student needs ids. Two questions come up on both sides
+Endpoints describe their tokens as text pieces; the student needs ids. The same questions come up on both sides
 (the server that reports its tokens, the aligner that maps them to the student):
 
 - `token_pieces(tokenizer, ids)`: the text each token of a sequence adds, so that ''.join(pieces) is the
@@ -10,6 +10,10 @@ Endpoints describe their tokens as text pieces; the student needs ids. Two quest
 - `SurfaceVocab`: the text a single token stands for *inside* a text (" the", "ing", "</s>"), for every id,
   and the reverse lookup from a teacher's piece of text to the student token that starts it (longest
   prefix match), with end-of-text markers mapped to the student's EOS.
+- `piece_in_context(tokenizer, id, anchor_id(tokenizer))`: the text one token stands for mid-text (the
+  server's top-k alternatives, `SurfaceVocab`'s entries).
+
+Shared by `dskd.serve` (the server) and `dskd.blackbox` (the client side).
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ def token_pieces(tokenizer, ids: Sequence[int], *, skip_special_tokens: bool = T
     """Per token, the text it adds to the decoded sequence ('' for a partial character or a skipped special)."""
     backend = _backend(tokenizer)
     if backend is not None:
+        # local: DecodeStream needs tokenizers >= 0.21 and pyproject allows 0.20, where importing this module
+        # (and the slow-tokenizer path below) must still work
         from tokenizers.decoders import DecodeStream
 
         stream = DecodeStream(skip_special_tokens=skip_special_tokens)
@@ -46,7 +52,7 @@ def token_pieces(tokenizer, ids: Sequence[int], *, skip_special_tokens: bool = T
     return pieces
 
 
-def _anchor_id(tokenizer) -> int:
+def anchor_id(tokenizer) -> int:
     """A plain token to decode in front of another, so that the other is seen mid-text (SentencePiece drops the
     leading space of a text's first token)."""
     ids = tokenizer("a", add_special_tokens=False)["input_ids"]
@@ -64,7 +70,7 @@ class SurfaceVocab:
     """Student vocabulary by surface text: teacher pieces of text -> the student token id they start with."""
 
     def __init__(self, tokenizer, end_markers: Iterable[str] = END_OF_TEXT_MARKERS):
-        anchor = _anchor_id(tokenizer)
+        anchor = anchor_id(tokenizer)
         special = set(tokenizer.all_special_ids)
         self.eos_id = tokenizer.eos_token_id
         self.by_text: dict[str, int] = {}

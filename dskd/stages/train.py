@@ -1,0 +1,297 @@
+"""`dskd teacher` and `dskd distill`: the composition root of a training stage.
+
+`TrainingStage.run()` reads top to bottom, like a torchtune recipe:
+    setup_data     labeled split, dev split, tokenizer (the teacher signal decides which), PT store
+    setup_models   the model to train (built, loaded or pruned from the teacher) and, for KD, the teacher
+    setup_engines  the student engine (optimizer, ZeRO 0-3); the teacher placed by `LocalTeacher.place`
+    resume         `--resume auto`: the latest complete checkpoint, its RNG state and `TrainState`
+    train          `dskd.trainer.Trainer.fit` inside an MLflow run, with SIGUSR1/SIGTERM handling
+    export         a plain Hugging Face directory, reloaded and checked against the engine, logged to MLflow
+A finished stage writes DONE.json with its stage key (`dskd.layout`); a rerun with the same recipe reuses it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as torch_dist
+
+from dskd import checkpoint, preemption
+from dskd.config import ConfigError, Recipe, TrainConfig
+from dskd.data.collate import Encoder, Formatting
+from dskd.data.pt_store import PTStore
+from dskd.data.task import TaskData, check_data_paths, load_task
+from dskd.engines import DistInfo, create_student_engine, init_distributed, student_ds_config
+from dskd.evaluate import evaluate_generations
+from dskd.generation import DecodingConfig, generate_ids
+from dskd.joint_teaching import JointTeaching
+from dskd.layout import Stage, pt_store_dir, read_done, stage_dir, stage_key, teacher_model_path, write_done
+from dskd.models import (
+    DTYPES,
+    build_model,
+    check_model_source,
+    check_tokenizers,
+    check_vocab_rows,
+    detect_arch,
+    load_model,
+    load_tokenizer,
+    parameter_count,
+    prune_layers,
+)
+from dskd.objectives import loss_config
+from dskd.student import StudentWithLoss
+from dskd.teachers import LocalTeacher, NoTeacher, Teacher, teacher_for
+from dskd.tracking import Tracker
+from dskd.trainer import Phase, TrainContext, Trainer, TrainState
+
+_GREEDY_PROBE = DecodingConfig(strategy="greedy", max_new_tokens=16, batch_size=8)
+
+
+@dataclass
+class StageResult:
+    model_dir: Path
+    run_id: str | None
+    steps: int
+    losses: list[float] = field(default_factory=list)  # per optimizer step, global mean
+    metrics: dict[str, float] = field(default_factory=dict)
+    skipped: bool = False
+
+
+@dataclass
+class PhaseSpec:
+    """A phase as the recipe states it, before its pool and step budget exist."""
+
+    name: str
+    epochs: float
+    sources: list[str]
+    teacher: Teacher
+    loss_settings: object  # the DistillConfig / TrainConfig section its loss comes from
+    ce_only: bool
+    student_pt_ratio: float = 0.0
+
+
+def phase_specs(recipe: Recipe, stage: Stage) -> tuple[TrainConfig, list[PhaseSpec]]:
+    """The stage's phases: fine-tuning (teacher stage), or the distill objective plus an optional final CE."""
+    if stage == "teacher":
+        train = recipe.teacher.train
+        return train, [PhaseSpec("finetune", train.epochs, ["gold"], NoTeacher(), train, ce_only=True)]
+    d = recipe.distill
+    kd = d.loss == "kd"
+    phases = [PhaseSpec(d.loss, d.epochs, list(d.sources), teacher_for(recipe) if kd else NoTeacher(), d,
+                        ce_only=False, student_pt_ratio=d.student_pt_ratio if kd else 0.0)]
+    if d.final_ce_epochs > 0:
+        phases.append(PhaseSpec("final_ce", d.final_ce_epochs, ["gold"], NoTeacher(), d, ce_only=True))
+    return d, phases
+
+
+def _cap_steps(phase_steps: list[int], cap: int) -> list[int]:
+    out, left = [], cap
+    for n in phase_steps:
+        out.append(max(0, min(n, left)))
+        left -= out[-1]
+    return out
+
+
+class TrainingStage:
+    """One `dskd teacher` or `dskd distill` run; see the module docstring for the lifecycle."""
+
+    def __init__(self, recipe: Recipe, stage: Stage, dist: DistInfo):
+        self.recipe, self.stage, self.dist = recipe, stage, dist
+        self.out_dir = stage_dir(recipe, stage)
+        self.key = stage_key(recipe, stage)
+        self.train_cfg, self.specs = phase_specs(recipe, stage)
+        # the teacher whose tokenizer the targets use; the teacher stage trains with the teacher's own
+        self.primary = teacher_for(recipe)
+
+    # -- setup ---------------------------------------------------------------------------------------------
+
+    def setup_data(self) -> None:
+        recipe = self.recipe
+        self.task = load_task(recipe, self.dist.is_main, needed=("labeled", "dev"))
+        if self.stage == "teacher" and self.task.tokenizer_path is None:
+            self.tokenizer = load_tokenizer(recipe.teacher)
+        else:
+            self.tokenizer = self.primary.tokenizer(recipe, self.task)
+        self.pts = None
+        if any("teacher_pt" in s.sources for s in self.specs):
+            store = PTStore(pt_store_dir(recipe))
+            if not store.is_complete():
+                raise ConfigError(f"no complete pseudo-target store at {store.root}: run `dskd generate` first")
+            self.pts = store.load()
+
+    def setup_models(self) -> None:
+        """The model to train and, when a phase needs a local teacher (or the student is pruned from it), the
+        teacher's weights."""
+        recipe, tokenizer = self.recipe, self.tokenizer
+        t_spec = recipe.teacher
+        self.teacher_hf = None
+        if self.stage == "teacher":
+            check_model_source(t_spec, "teacher")
+            self.student_hf = build_model(t_spec, tokenizer)
+        else:
+            check_model_source(recipe.student, "student")
+            needs_teacher = any(s.teacher.local_model for s in self.specs)
+            teacher = None
+            if needs_teacher or recipe.student.init == "prune":
+                from_disk = t_spec.finetune or t_spec.init == "pretrained"
+                if t_spec.init == "pretrained":
+                    check_model_source(t_spec, "teacher")
+                teacher = build_model(t_spec, tokenizer, path=teacher_model_path(recipe) if from_disk else None)
+            if recipe.student.init == "prune":
+                self.student_hf = prune_layers(teacher, recipe.student.prune).to(DTYPES[recipe.student.dtype])
+            else:
+                self.student_hf = build_model(recipe.student, tokenizer)
+            if recipe.student.init == "pretrained" and needs_teacher:
+                check_tokenizers(tokenizer, load_tokenizer(recipe.student))
+            self.teacher_hf = teacher if needs_teacher else None
+        self.vocab = check_vocab_rows(self.student_hf, tokenizer, "student")
+        if self.teacher_hf is not None:
+            check_vocab_rows(self.teacher_hf, tokenizer, "teacher")
+        self.arch = detect_arch(self.student_hf.config)
+        self.encoder = Encoder(tokenizer, Formatting.from_data(recipe.data, self.arch))
+
+    def setup_engines(self) -> None:
+        """Pools and step budgets, the student engine, the teacher placed (engine or quantized module)."""
+        recipe, dist, train = self.recipe, self.dist, self.train_cfg
+        mbs, gas = train.micro_batch_size, train.grad_accum
+        labeled = self.task.splits.get("labeled")
+        pools = [s.teacher.training_pool(self.encoder, labeled, self.pts, s.sources) for s in self.specs]
+        per_epoch = [math.ceil(pool.micro_batches_per_epoch(mbs, dist.world_size) / gas) for pool in pools]
+        steps = [max(1, math.ceil(s.epochs * n)) for s, n in zip(self.specs, per_epoch)]
+        if train.max_steps:
+            steps = _cap_steps(steps, train.max_steps)
+        self.dtype = (recipe.teacher if self.stage == "teacher" else recipe.student).dtype
+        self.engine = create_student_engine(StudentWithLoss(self.student_hf, self.vocab), train, sum(steps), dist,
+                                            self.dtype)
+        if self.teacher_hf is not None:
+            local = next(s.teacher for s in self.specs if isinstance(s.teacher, LocalTeacher))
+            local.place(self.teacher_hf, recipe.teacher, mbs, dist, dropout=recipe.distill.teacher_dropout)
+        self.engine.train()  # from_pretrained returns eval mode: dropout must be on while training
+        self.model = self.engine.module.hf_model
+        self.synced_gpus = self.engine.zero_optimization_partition_weights() and dist.world_size > 1
+        student_decoding = (DecodingConfig(**recipe.distill.student_decoding.model_dump())
+                            if self.stage == "distill" else None)
+        self.phases = [
+            Phase(s.name, loss_config(s.loss_settings, ce_only=s.ce_only), s.teacher, pool, n, recipe.run.seed + i,
+                  JointTeaching(s.student_pt_ratio, student_decoding) if s.student_pt_ratio else None)
+            for i, (s, pool, n) in enumerate(zip(self.specs, pools, steps))]
+
+    def resume(self, requested: bool) -> TrainState:
+        ckpt_dir = self.out_dir / "checkpoints"
+        if requested and (tag := checkpoint.latest(ckpt_dir)):
+            state = TrainState.from_client_state(checkpoint.load(self.engine, ckpt_dir, tag))
+            if self.dist.is_main:
+                print(f"[dskd] {self.stage}: resumed from {ckpt_dir / tag} at step {state.step}")
+            return state
+        return TrainState()
+
+    # -- train and export ----------------------------------------------------------------------------------
+
+    def train(self, state: TrainState, tracker: Tracker, parent_run_id: str | None) -> StageResult:
+        recipe, dist = self.recipe, self.dist
+        run_name = "teacher" if self.stage == "teacher" else f"distill-{recipe.student.name}"
+        with preemption.handling():
+            with tracker.run(run_name, parent_id=parent_run_id, run_id=state.run_id, tags=self._tags()) as run:
+                if state.run_id is None:
+                    self._log_start(run)
+                state.run_id = run.run_id
+                ctx = TrainContext(self.encoder, dist, self.train_cfg, run, self.out_dir / "checkpoints",
+                                   label=self.stage, dev_metrics=self.dev_metrics)
+                state = Trainer(self.engine, self.phases, ctx).fit(state)
+                final = self.dev_metrics()
+                run.log_metrics(final, step=state.step)
+                model_dir = self.export(run, state, final)
+        return StageResult(model_dir, state.run_id, state.step, state.losses, final)
+
+    def _tags(self) -> dict[str, str]:
+        recipe = self.recipe
+        teacher = (teacher_model_path(recipe) if self.stage == "distill"
+                   else recipe.teacher.path or f"config:{recipe.teacher.model_type}")
+        tags = {"dskd.stage": self.stage, "dskd.data_fingerprint": self.task.fingerprint, "dskd.teacher": str(teacher)}
+        if self.pts is not None:
+            store = PTStore(pt_store_dir(recipe))
+            tags["dskd.pt_dataset"] = str(store.root)
+            tags["dskd.pt_meta"] = json.dumps(store.read_meta().get("teacher", {}))[:5000]
+        return tags
+
+    def _log_start(self, run: Tracker) -> None:
+        run.log_recipe(self.recipe)
+        run.log_dict(student_ds_config(self.train_cfg, self.dist.world_size, self.dtype), "deepspeed_config.json")
+        run.log_params({"model/params": parameter_count(self.model), "model/arch": self.arch,
+                        "schedule/total_steps": sum(p.steps for p in self.phases),
+                        "schedule/steps_per_phase": [p.steps for p in self.phases],
+                        "data/train_pairs_per_epoch": [len(p.pool) for p in self.phases],
+                        "dist/world_size": self.dist.world_size})
+        run.log_metrics(self.task.metrics(), step=0)
+
+    def dev_metrics(self) -> dict[str, float]:
+        """Dev ROUGE/BLEU on a fixed subset with greedy decoding: cheap enough to watch during training."""
+        dev, train = self.task.splits.get("dev"), self.train_cfg
+        if dev is None or train.eval_examples <= 0:
+            return {}
+        rows = dev.select(range(min(len(dev), train.eval_examples)))
+        decoding = DecodingConfig(strategy="greedy", max_new_tokens=self.encoder.formatting.max_target_tokens,
+                                  batch_size=max(train.micro_batch_size, 16))
+        metrics, _ = evaluate_generations(self.model, self.encoder, rows, decoding, progress=False,
+                                          synced_gpus=self.synced_gpus)
+        return {f"dev/{k}": v for k, v in metrics.items()}
+
+    def export(self, run: Tracker, state: TrainState, final: dict[str, float]) -> Path:
+        """Consolidate (ZeRO-3 aware), write the HF directory, reload it and check it generates what the engine
+        generates (catches a wrong consolidation, a dropped tied weight, a dtype slip), log and register it."""
+        recipe, dist, step = self.recipe, self.dist, state.step
+        model_dir = self.out_dir / "model"
+        probe_texts = _probe_texts(self.task)
+        probe = self.encoder.prompt_ids_batch(probe_texts)
+        engine_outputs = generate_ids(self.model, self.encoder, probe, _GREEDY_PROBE, synced_gpus=self.synced_gpus)
+        weights = checkpoint.consolidated_state_dict(self.engine)
+        if dist.is_main:
+            checkpoint.export_hf(self.model, weights, self.tokenizer, model_dir, prefix="lm.model.",
+                                 extra={"stage": self.stage, "recipe_key": self.key, "run_id": run.run_id})
+            spec = recipe.teacher if self.stage == "teacher" else recipe.student
+            reloaded = load_model(spec, path=str(model_dir)).eval()
+            if generate_ids(reloaded, self.encoder, probe, _GREEDY_PROBE) != engine_outputs:
+                raise RuntimeError(f"the exported model in {model_dir} does not generate what the trained engine "
+                                   "generates; the export is broken (please report this with the recipe)")
+            run.log_metrics({"export/reload_matches_engine": 1.0}, step=step)
+            if recipe.tracking.log_model and self.arch == "causal":
+                run.log_hf_model(load_model(spec, path=str(model_dir)), self.tokenizer, "text-generation",
+                                 recipe.tracking.register_model)
+            elif recipe.tracking.log_model:  # no text2text pipeline in transformers 5: a pyfunc model
+                run.log_seq2seq_model(model_dir, probe_texts[0], recipe.data, recipe.tracking.register_model)
+            write_done(self.out_dir, {"key": self.key, "run_id": run.run_id, "steps": step, "metrics": final})
+            run.set_tags({"dskd.model_dir": str(model_dir)})
+        if torch_dist.is_initialized():
+            torch_dist.barrier()
+        return model_dir
+
+
+def _probe_texts(task: TaskData) -> list[str]:
+    """A few real inputs to compare the exported model against the engine that trained it."""
+    rows = task.splits.get("dev") or task.splits["labeled"]
+    return list(rows["input"][:8])
+
+
+def train_stage(recipe: Recipe, stage: Stage, *, resume: bool = False, force: bool = False,
+                parent_run_id: str | None = None, tracker: Tracker | None = None) -> StageResult:
+    """Run `dskd teacher` or `dskd distill` end to end and export the trained model."""
+    check_data_paths(recipe)  # before the process group: a typo'd path fails fast, on every rank alike
+    dist = init_distributed(recipe.run.device, recipe.run.dist_timeout_minutes)
+    job = TrainingStage(recipe, stage, dist)
+    done = None if force else read_done(job.out_dir, job.key)
+    if done is not None:
+        if dist.is_main:
+            print(f"[dskd] {stage}: already complete with this recipe in {job.out_dir} (reused; pass --force to redo)")
+        return StageResult(job.out_dir / "model", done.get("run_id"), done.get("steps", 0),
+                           metrics=done.get("metrics", {}), skipped=True)
+    torch.manual_seed(recipe.run.seed)
+    job.setup_data()
+    job.setup_models()
+    job.setup_engines()
+    state = job.resume(resume)
+    tracker = tracker or Tracker(recipe.tracking, recipe.run.output_dir, active=dist.is_main)
+    return job.train(state, tracker, parent_run_id)

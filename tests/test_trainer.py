@@ -1,0 +1,125 @@
+"""One `Trainer` step, driven directly (no CLI, no pipeline), on a tiny encoder-decoder and a tiny decoder-only
+pair: the loss equals a naive full-logits reference on the same micro-batches, the normalizer is the global
+valid-token count, and a Joint-Teaching micro-batch trains on the student's own samples."""
+
+from __future__ import annotations
+
+import copy
+
+import datasets
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+from dskd.config import TeacherConfig, TrainConfig, TrackingConfig
+from dskd.data.collate import Encoder, Formatting, collate_training
+from dskd.engines import create_student_engine, init_distributed
+from dskd.generation import DecodingConfig, sample_student_targets
+from dskd.joint_teaching import JointTeaching
+from dskd.losses import KDLossConfig
+from dskd.objectives import TrainingPool
+from dskd.student import StudentWithLoss
+from dskd.teachers import LocalTeacher
+from dskd.tracking import Tracker
+from dskd.trainer import Phase, TrainContext, Trainer
+from tests.conftest import tiny_config_kwargs, tiny_pairs
+
+MBS, GAS = 4, 2
+LOSS = KDLossConfig(divergence="forward_kl", temperature=2.0, kd_weight=1.0, ce_weight=0.5, chunk_size=7)
+
+
+def _model(family: str, layers: int, seed: int):
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(family, **tiny_config_kwargs(family, 300, layers=layers))
+    auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+    return auto.from_config(config, attn_implementation="eager")
+
+
+def _trainer(family: str, tokenizer, tmp_path, joint_teaching: JointTeaching | None = None):
+    dist = init_distributed("cpu")
+    student, teacher = _model(family, 1, seed=1), _model(family, 2, seed=2)
+    arch = "causal" if family == "llama" else "seq2seq"
+    encoder = Encoder(tokenizer, Formatting(arch, 32, 12, " =>"))
+    pool = TrainingPool(encoder, datasets.Dataset.from_list(tiny_pairs(16)), None, ["gold"])
+    train = TrainConfig(micro_batch_size=MBS, grad_accum=GAS, eval_examples=0)
+    reference_student = copy.deepcopy(student).eval()
+    engine = create_student_engine(StudentWithLoss(student, 300), train, 4, dist, "fp32")
+    engine.train()
+    local = LocalTeacher()
+    local.place(teacher, TeacherConfig(init="config", model_type=family), MBS, dist)
+    phase = Phase("kd", LOSS, local, pool, steps=1, seed=3, joint_teaching=joint_teaching)
+    ctx = TrainContext(encoder, dist, train, Tracker(TrackingConfig(enabled=False), tmp_path), tmp_path / "ckpt")
+    return Trainer(engine, [phase], ctx), phase, reference_student, teacher, encoder
+
+
+def _logits(model, batch: dict) -> torch.Tensor:
+    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "decoder_input_ids")}
+    return model(**inputs).logits.float()
+
+
+def _naive_loss(student, teacher, batches: list[dict], normalizer: float) -> float:
+    """Full-vocabulary logits, forward KL at temperature T (times T^2) + 0.5 CE, summed over valid tokens."""
+    total = 0.0
+    with torch.no_grad():
+        for batch in batches:
+            mask, targets = batch["target_mask"], batch["targets"]
+            s, t = _logits(student, batch)[mask], _logits(teacher, batch)[mask]
+            T = LOSS.temperature
+            p_t = torch.softmax(t / T, -1)
+            kl = (p_t * (torch.log_softmax(t / T, -1) - torch.log_softmax(s / T, -1))).sum()
+            ce = torch.nn.functional.cross_entropy(s, targets[mask], reduction="sum")
+            total += float(T * T * kl + LOSS.ce_weight * ce)
+    return total / normalizer
+
+
+def _collate(encoder, model, pairs) -> dict:
+    return collate_training([(p.prompt, p.target) for p in pairs], encoder.formatting.arch,
+                            encoder.tokenizer.pad_token_id, getattr(model.config, "decoder_start_token_id", None))
+
+
+@pytest.mark.parametrize("family", ["t5", "llama"])
+def test_one_step_equals_the_naive_reference_with_the_global_token_normalizer(family, tiny_tokenizer, tmp_path):
+    trainer, phase, reference, teacher, encoder = _trainer(family, tiny_tokenizer, tmp_path)
+    stream = phase.pool.stream(phase.seed, 0, 1, MBS)
+    micro_batches = [next(stream) for _ in range(GAS)]
+    batches = [_collate(encoder, reference, pairs) for _, pairs in micro_batches]
+    tokens = sum(int(b["target_mask"].sum()) for b in batches)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+
+    stats = trainer.train_step(phase, micro_batches)
+
+    assert float(stats.tokens) == tokens  # the normalizer: valid target tokens over all micro-batches (1 rank)
+    assert torch.isfinite(stats.loss)
+    assert float(stats.loss) == pytest.approx(_naive_loss(reference, teacher, batches, tokens), rel=2e-5)
+    assert float(stats.kd) + LOSS.ce_weight * float(stats.ce) == pytest.approx(float(stats.loss), rel=1e-5)
+    assert stats.student_batches == 0
+    changed = [not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters())]
+    assert any(changed), "the optimizer step did not update the student"
+
+
+@pytest.mark.parametrize("family", ["t5", "llama"])
+def test_a_joint_teaching_micro_batch_trains_on_student_samples(family, tiny_tokenizer, tmp_path):
+    decoding = DecodingConfig(strategy="sampling", top_p=0.95, max_new_tokens=12)
+    jt = JointTeaching(ratio=0.5, decoding=decoding)  # micro-batch 0: gold targets, micro-batch 1: student's
+    trainer, phase, reference, teacher, encoder = _trainer(family, tiny_tokenizer, tmp_path, jt)
+    stream = phase.pool.stream(phase.seed, 0, 1, MBS)
+    micro_batches = [next(stream) for _ in range(GAS)]
+    assert [jt.applies_to(i) for i, _ in micro_batches] == [False, True]
+
+    # The samples the step will draw: same model, same RNG state, same call.
+    rng = torch.get_rng_state()
+    prompts = [p.prompt for p in micro_batches[1][1]]
+    sampled = sample_student_targets(copy.deepcopy(trainer.model), encoder, prompts, decoding)
+    torch.set_rng_state(rng)
+    gold_targets = [p.target for p in micro_batches[1][1]]
+    assert sampled != gold_targets
+
+    expected_pairs = [type(p)(p.prompt, t) for p, t in zip(micro_batches[1][1], sampled)]
+    batches = [_collate(encoder, reference, micro_batches[0][1]), _collate(encoder, reference, expected_pairs)]
+    tokens = sum(int(b["target_mask"].sum()) for b in batches)
+
+    stats = trainer.train_step(phase, micro_batches)
+
+    assert stats.student_batches == 1
+    assert float(stats.tokens) == tokens
+    assert float(stats.loss) == pytest.approx(_naive_loss(reference, teacher, batches, tokens), rel=2e-5)
