@@ -77,10 +77,19 @@ def init_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> Dis
     if use_cuda:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
+        _skip_shm_comm_op()
         deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", auto_mpi_discovery=False,
                                    timeout=timedelta(minutes=timeout_minutes))
     dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev)
+
+
+def _skip_shm_comm_op() -> None:
+    """On CPU, DeepSpeed's comm backend JIT-compiles a shared-memory all-reduce op at init (25-45 s of g++ on a
+    fresh machine, before any user error can surface). It serves only `inference_all_reduce` (AutoTP
+    inference), which dskd never calls: training reduces through torch.distributed (gloo). Marking the op
+    incompatible makes DeepSpeed skip the build; it falls back to the process-group all-reduce if ever asked."""
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def shutdown_distributed() -> None:

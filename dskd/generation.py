@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
+from dskd import sampling
 from dskd.preemption import Preempted
 from dskd.data.collate import Encoder, collate_prompts
 
@@ -36,6 +37,12 @@ if TYPE_CHECKING:
     import datasets
 
     from dskd.data.pt_store import PTStore
+
+
+# What made a PT store's PTs besides the decoding config and seed; recorded in its meta.json. Bump it whenever
+# the batching or the sampling code changes what a seed produces (stores of another version are refused).
+# hf-generate (no "generator" key): HF generate, batches of batch_size rows in input order.
+GENERATOR_VERSION = f"{sampling.SAMPLER_VERSION}+length-sorted-batches"
 
 
 @dataclass(frozen=True)
@@ -129,9 +136,14 @@ def cut_generated(sequences: torch.Tensor, prompt_width: int, encoder: Encoder, 
     An output that never produced EOS ran into the length limit: it is counted in `encoder.truncated.targets`.
     """
     skip = 1 if encoder.formatting.arch == "seq2seq" else prompt_width
+    return _finish_rows(sequences[:, skip:], encoder, per_prompt)
+
+
+def _finish_rows(generated: torch.Tensor, encoder: Encoder, per_prompt: int) -> list[list[list[int]]]:
+    """Generated ids only -> finished targets, K per prompt (see `cut_generated`)."""
     eos, room = encoder.tokenizer.eos_token_id, encoder.formatting.max_target_tokens - 1
     rows = []
-    for row in sequences[:, skip:].tolist():
+    for row in generated.tolist():
         if eos not in row:
             encoder.truncated.targets += 1
             row = row[:room]
@@ -151,13 +163,34 @@ def generate_batch(model, encoder: Encoder, prompts: Sequence[list[int]], config
                                device_type=None if on_cpu else device.type):
         if seed is not None:
             torch.manual_seed(seed)
+        if _fast_sampling(model, config):
+            generated = sampling.sample(model, encoder.formatting.arch, batch["input_ids"], batch["attention_mask"],
+                                        _sampling_settings(config), synced=synced_gpus and _distributed())
+            return _finish_rows(generated.cpu(), encoder, config.num_return_sequences)
         sequences = model.generate(**batch, generation_config=config, synced_gpus=synced_gpus)
     return cut_generated(sequences.cpu(), batch["input_ids"].shape[1], encoder, config.num_return_sequences)
 
 
+def _fast_sampling(model, config: GenerationConfig) -> bool:
+    """`dskd.sampling` for plain sampling; HF generate for greedy / beam and for models whose generation config
+    adds logits processors (e.g. BART's forced_bos_token_id)."""
+    return bool(config.do_sample) and config.num_beams == 1 and sampling.supports(model)
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _sampling_settings(config: GenerationConfig) -> sampling.SamplingSettings:
+    return sampling.SamplingSettings(
+        num_return_sequences=config.num_return_sequences, temperature=config.temperature, top_p=config.top_p,
+        top_k=config.top_k or 0, max_new_tokens=config.max_new_tokens, eos_id=config.eos_token_id,
+        pad_id=config.pad_token_id, decoder_start_id=config.decoder_start_token_id)
+
+
 def _agreed_batch_count(local: int, synced_gpus: bool) -> int:
     """Under synced_gpus every rank must run as many generate() calls as the busiest one."""
-    if not (synced_gpus and torch.distributed.is_available() and torch.distributed.is_initialized()):
+    if not (synced_gpus and _distributed()):
         return local
     count = torch.tensor([local], dtype=torch.long)
     if torch.distributed.get_backend() == "nccl":
@@ -231,9 +264,9 @@ def generate_pseudo_targets(model, encoder: Encoder, rows: "datasets.Dataset", d
                             seed: int = 0, progress: bool = True, stop: Callable[[], bool] | None = None) -> None:
     """Write K PTs per row into `store`, one shard per batch, skipping ids a previous run completed.
 
-    Batches are fixed over the whole of `rows` (global batch b = rows[b*B:(b+1)*B], owned by rank b % world_size)
-    so the batch composition and seed of every PT never depend on where an earlier run stopped or on how many
-    ranks it had. With world_size > 1 under torch.distributed, rank 0 merges the shards once all ranks are done;
+    Batches are fixed over the whole of `rows` (`length_sorted_batches`: similar prompt lengths together, little
+    padding; global batch b is owned by rank b % world_size and seeded by (seed, b)), so the batch composition
+    and seed of every PT never depend on where an earlier run stopped or on how many ranks it had. With world_size > 1 under torch.distributed, rank 0 merges the shards once all ranks are done;
     without torch.distributed (e.g. a job array) call `store.merge()` after the last task.
     """
     _check_store_matches(store, decoding, seed)
@@ -247,12 +280,12 @@ def generate_pseudo_targets(model, encoder: Encoder, rows: "datasets.Dataset", d
         raise ValueError(f"row ids must be unique for the PT store; {len(dupes)} repeat, e.g. {sorted(dupes)[:5]}")
 
     done = store.completed_ids()
-    size = decoding.batch_size
-    owned = range(rank, -(-len(ids) // size), world_size)
-    spans = [range(b * size, min((b + 1) * size, len(ids))) for b in owned]
-    pending = [(b, span) for b, span in zip(owned, spans) if any(ids[i] not in done for i in span)]
-    jobs = [(encoder.prompt_ids_batch([inputs[i] for i in span]), batch_seed(seed, b)) for b, span in pending]
+    prompts = encoder.prompt_ids_batch(inputs)
     config = generation_config(model, encoder, decoding)
+    plan = length_sorted_batches([len(p) for p in prompts], decoding.batch_size, config.max_new_tokens)
+    pending = [(b, span) for b, span in enumerate(plan)
+               if b % world_size == rank and any(ids[i] not in done for i in span)]
+    jobs = [([prompts[i] for i in span], batch_seed(seed, b)) for b, span in pending]
 
     def save(index: int, pt_ids: list[list[list[int]]]) -> None:
         span, texts = pending[index][1], decode_texts(encoder, pt_ids)
@@ -267,17 +300,42 @@ def generate_pseudo_targets(model, encoder: Encoder, rows: "datasets.Dataset", d
     _merge_when_all_done(store, rank, world_size, ids)
 
 
+def length_sorted_batches(lengths: Sequence[int], batch_size: int, max_new_tokens: int) -> list[list[int]]:
+    """Row indices in batches of similar prompt length, by a token budget.
+
+    Rows are sorted by (prompt length, index). A batch may hold `batch_size` rows of the mean length: its budget
+    is batch_size x (mean prompt length + max_new_tokens) padded tokens, so batches of short prompts hold more
+    rows (at most 4 x batch_size) and batches of long ones fewer (at least one). Deterministic in `lengths`."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    if not order:
+        return []
+    budget = batch_size * (sum(lengths) / len(lengths) + max_new_tokens)
+    batches, current = [], []
+    for i in order:  # ascending lengths: the newest row is the batch's longest
+        if current and ((len(current) + 1) * (lengths[i] + max_new_tokens) > budget or len(current) >= 4 * batch_size):
+            batches.append(current)
+            current = []
+        current.append(i)
+    batches.append(current)
+    return batches
+
+
 def pt_store_meta(decoding: DecodingConfig, *, seed: int, teacher: dict, data_fingerprint: str) -> dict:
     """The meta.json a PT store records: what makes two runs' PTs interchangeable, plus readable context.
 
     `teacher` holds at least {"fingerprint": weights_fingerprint(...)} and usually {"path": ...}.
     """
     return {"decoding": decoding.as_dict(), "seed": seed, "teacher": dict(teacher),
-            "data_fingerprint": data_fingerprint, "num_return_sequences": decoding.num_return_sequences}
+            "data_fingerprint": data_fingerprint, "num_return_sequences": decoding.num_return_sequences,
+            "generator": GENERATOR_VERSION}
 
 
 def _check_store_matches(store: "PTStore", decoding: DecodingConfig, seed: int) -> None:
     meta = store.read_meta()
+    if meta.get("generator") != GENERATOR_VERSION:
+        raise ValueError(f"{store.meta_path}: the store's PTs were made by generator {meta.get('generator')!r} "
+                         f"(batching and sampling code), this dskd makes {GENERATOR_VERSION!r}: their PTs differ for "
+                         "the same seed. Regenerate into a new PT directory (generate.output) rather than mix them")
     if meta.get("decoding") != decoding.as_dict() or meta.get("seed") != seed:
         raise ValueError(
             f"{store.meta_path}: the store was opened for decoding={meta.get('decoding')} seed={meta.get('seed')}, "

@@ -9,8 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from dskd import sampling
 from dskd.data.pt_store import PTStore, StoreMismatchError, weights_fingerprint
-from dskd.generation import DecodingConfig, generate_pseudo_targets, pt_store_meta
+from dskd.generation import DecodingConfig, generate_pseudo_targets, length_sorted_batches, pt_store_meta
 from tests.workers.gen_tiny import PROMPTS, tiny_encoder, tiny_model
 
 SAMPLING = DecodingConfig(strategy="sampling", num_return_sequences=2, top_p=0.95, batch_size=2)
@@ -106,19 +107,20 @@ class CrashingStore(PTStore):
         return super().write_shard(rank, rows)
 
 
-def count_generate_calls(model):
+def count_sampling_calls(monkeypatch):
+    """Rows of every batch the sampler is asked for (dskd.sampling.sample: one call per generated batch)."""
     calls = []
-    original = model.generate
+    original = sampling.sample
 
-    def counted(*args, **kwargs):
-        calls.append(kwargs["input_ids"].shape[0])
-        return original(*args, **kwargs)
+    def counted(model, arch, input_ids, *args, **kwargs):
+        calls.append(input_ids.shape[0])
+        return original(model, arch, input_ids, *args, **kwargs)
 
-    model.generate = counted
+    monkeypatch.setattr(sampling, "sample", counted)
     return calls
 
 
-def test_crash_and_resume_equals_an_uninterrupted_run(tiny_tokenizer, tmp_path):
+def test_crash_and_resume_equals_an_uninterrupted_run(tiny_tokenizer, tmp_path, monkeypatch):
     rows = datasets.Dataset.from_dict({"id": [f"r{i}" for i in range(7)], "input": PROMPTS + PROMPTS[:2],
                                        "split": ["labeled"] * 4 + ["unlabeled"] * 3})
     model, enc = tiny_model("seq2seq", len(tiny_tokenizer)), tiny_encoder(tiny_tokenizer, "seq2seq")
@@ -132,14 +134,17 @@ def test_crash_and_resume_equals_an_uninterrupted_run(tiny_tokenizer, tmp_path):
     crashed.write_meta(store_meta)
     with pytest.raises(RuntimeError, match="simulated crash"):
         generate_pseudo_targets(model, enc, rows, SAMPLING, crashed, progress=False)
-    assert crashed.completed_ids() == {"r0", "r1", "r2", "r3"} and not crashed.is_complete()
+    plan = length_sorted_batches([len(p) for p in enc.prompt_ids_batch(rows["input"])], SAMPLING.batch_size,
+                                 min(SAMPLING.max_new_tokens, enc.formatting.max_target_tokens - 1))
+    survived = {rows["id"][i] for batch in plan[:2] for i in batch}
+    assert len(plan) > 3 and crashed.completed_ids() == survived and not crashed.is_complete()
 
     resumed = PTStore(tmp_path / "resumed")
     resumed.write_meta(store_meta)
-    calls = count_generate_calls(model)
+    calls = count_sampling_calls(monkeypatch)
     torch.manual_seed(999)  # a restarted process has another global RNG state: PTs must not depend on it
     generate_pseudo_targets(model, enc, rows, SAMPLING, resumed, progress=False)
-    assert calls == [2, 1], "only the two unfinished batches (r4-r5, r6) are generated again"
+    assert calls == [len(batch) for batch in plan[2:]], "only the unfinished batches are generated again"
     shard_ids = [i for shard in resumed.shard_dir.glob("*.parquet") for i in pq.read_table(shard)["id"].to_pylist()]
     assert sorted(shard_ids) == sorted(rows["id"]), "no PT lost or duplicated on disk"
     assert resumed.load().to_list() == clean.load().to_list()
@@ -176,3 +181,17 @@ def test_weights_fingerprint_tracks_weights_not_objects(tiny_tokenizer, tmp_path
     assert sampled_a != weights_fingerprint(tmp_path / "b", full_hash_limit_bytes=0)
     with pytest.raises(FileNotFoundError, match="no weight files"):
         weights_fingerprint(tmp_path)
+
+
+def test_a_store_made_by_an_older_generator_is_never_mixed_with_new_pts(tiny_tokenizer, tmp_path):
+    """Stores from before dskd.sampling (HF generate, input-order batches) have no "generator" in their meta:
+    their PTs differ for the same seed, so both opening and generating into them fail with a clear message."""
+    old = {k: v for k, v in meta().items() if k != "generator"}
+    store = PTStore(tmp_path)
+    store.write_meta(old)
+    with pytest.raises(StoreMismatchError, match="generator"):
+        PTStore(tmp_path).write_meta(meta())
+    rows = datasets.Dataset.from_dict({"id": ["a"], "input": ["x"], "split": ["labeled"]})
+    model, enc = tiny_model("seq2seq", len(tiny_tokenizer)), tiny_encoder(tiny_tokenizer, "seq2seq")
+    with pytest.raises(ValueError, match="Regenerate into a new PT directory"):
+        generate_pseudo_targets(model, enc, rows, SAMPLING, store, progress=False)
