@@ -6,6 +6,13 @@
     dskd evaluate --config RECIPE [...]                 ROUGE/BLEU + efficiency, teacher vs students
     dskd demo [--quick]                                 all of the above on the embedded docstring task
     dskd serve-teacher --model DIR [--port P ...]       a local model as an OpenAI-compatible endpoint
+
+Every user error is one line on stderr, `dskd: error: <what, where (file:line / recipe key), what to do>`, and
+exit code 2: recipe errors, missing paths, bad data (`DataError` is a `ConfigError`). The recipe, the paths the
+stage reads and the fields in the first rows of each data file are checked before torch, transformers or
+DeepSpeed load (`_preflight`), so those errors take a fraction of a second. Other exit codes: 3 training
+diverged (`TrainingDiverged`, the last good state kept), 4 the PT endpoint stopped answering, 75 stopped by
+SIGUSR1/SIGTERM/Ctrl-C with the state saved (`--resume auto` continues), 130 a second Ctrl-C (nothing saved).
 """
 
 from __future__ import annotations
@@ -18,8 +25,9 @@ import warnings
 from functools import partial
 
 from dskd import preemption
-from dskd.config import ConfigError, load_recipe, to_yaml
-from dskd.layout import clear_done_markers
+from dskd.config import ConfigError, Recipe, check_model_source, load_recipe, to_yaml
+from dskd.data.sources import check_data_files
+from dskd.layout import clear_done_markers, student_dir, teacher_model_path
 from dskd.serve.options import add_arguments as add_serve_arguments
 
 STAGES = ("teacher", "generate", "distill", "evaluate", "demo")
@@ -88,22 +96,22 @@ def _cuda() -> bool:
         return False
 
 
+def _user_error(exc: Exception) -> int:
+    print(f"dskd: error: {exc}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
-    _quiet_libraries(rank)
     if args.stage == "serve-teacher":
+        _quiet_libraries(rank)
         from dskd.serve.cli import serve_main  # heavy (torch, transformers): loaded only for this command
 
         try:
             return serve_main(args)
         except ConfigError as exc:
-            print(f"dskd: error: {exc}", file=sys.stderr)
-            return 2
-
-    # The stages and their errors import torch and DeepSpeed: loaded only after the arguments parsed.
-    from dskd.blackbox.generate import EndpointGenerationStopped
-    from dskd.trainer import TrainingDiverged
+            return _user_error(exc)
 
     overrides = list(args.overrides)
     if args.output_dir:
@@ -111,11 +119,22 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "teacher_endpoint", None):
         overrides.append(f"generate.endpoint.url={args.teacher_endpoint}")
     try:
-        with preemption.handling():  # SIGUSR1/SIGTERM: stop at the next safe point, state saved, exit 75
-            return _dispatch(args, overrides, rank)
+        recipe = None if args.stage == "demo" and not args.config else load_recipe(args.config, overrides)
+        if recipe is not None and not getattr(args, "print_recipe", False):
+            _preflight(recipe, args.stage)
     except ConfigError as exc:
-        print(f"dskd: error: {exc}", file=sys.stderr)
-        return 2
+        return _user_error(exc)
+
+    _quiet_libraries(rank)
+    # The stages and their errors import torch and DeepSpeed: loaded only once the recipe passed the preflight.
+    from dskd.blackbox.generate import EndpointGenerationStopped
+    from dskd.trainer import TrainingDiverged
+
+    try:
+        with preemption.handling():  # SIGUSR1/SIGTERM/Ctrl-C: stop at the next safe point, state saved, exit 75
+            return _dispatch(args, recipe, overrides, rank)
+    except ConfigError as exc:  # includes DataError
+        return _user_error(exc)
     except preemption.Preempted as exc:
         print(f"dskd: {exc}", file=sys.stderr)
         return preemption.EXIT_CODE
@@ -125,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     except EndpointGenerationStopped as exc:  # endpoint unreachable / budget spent; finished PTs are saved
         print(f"dskd: error: {exc}", file=sys.stderr)
         return 4
+    except KeyboardInterrupt:  # the second Ctrl-C (see dskd.preemption)
+        print("dskd: aborted by a second Ctrl-C; nothing saved since the last checkpoint", file=sys.stderr)
+        return 130
     finally:
         from dskd.engines import shutdown_distributed  # DeepSpeed: heavy, and loaded by then if it matters
 
@@ -134,14 +156,52 @@ def main(argv: list[str] | None = None) -> int:
             pass
 
 
-def _dispatch(args, overrides: list[str], rank: int) -> int:
+def _preflight(recipe: Recipe, stage: str) -> None:
+    """Check, before the heavy imports, what the stage reads: the data files (present, first rows parse, the
+    recipe's fields there) and the model and tokenizer paths (README: "Stages"). Reads a few rows and stats a
+    few paths; without it the same errors came after ~30 s of imports and process-group start-up."""
+    check_data_files(recipe.data)
+    for role, weights, tokenizer in _model_inputs(recipe, stage):
+        check_model_source(getattr(recipe, role), role, weights=weights, tokenizer=tokenizer)
+    reads_teacher = stage in ("generate", "distill") and recipe.generate.endpoint is None
+    if reads_teacher or (stage == "evaluate" and recipe.evaluate.include_teacher):
+        teacher_model_path(recipe)  # teacher.finetune: the fine-tuned teacher must exist by now
+    if stage == "evaluate":
+        for name in recipe.evaluate.students or [recipe.student.name]:
+            if not (student_dir(recipe, name) / "model" / "config.json").is_file():
+                raise ConfigError(f"evaluate.students: student '{name}' has no exported model in "
+                                  f"{student_dir(recipe, name) / 'model'}; run `dskd distill` with "
+                                  f"student.name={name} first")
+
+
+def _model_inputs(recipe: Recipe, stage: str) -> list[tuple[str, bool, bool]]:
+    """(role, whether its weights are read from the recipe's own keys, whether its tokenizer is) per model the
+    stage reads. The embedded task brings the teacher's tokenizer; a fine-tuned teacher is read from the
+    teacher stage's output (checked separately); a black-box teacher's PTs are in the student's tokenizer."""
+    teacher, embedded, black_box = recipe.teacher, recipe.data.task is not None, recipe.generate.endpoint is not None
+    own_teacher_tokenizer = not embedded and (not teacher.finetune or teacher.tokenizer is not None)
+    student_tokenizer = recipe.student.tokenizer is not None or recipe.student.init == "pretrained"
+    if stage in ("teacher", "demo"):
+        return [("teacher", True, not embedded)] + ([("student", True, student_tokenizer)] if stage == "demo" else [])
+    if stage == "distill":
+        local = not black_box and (recipe.distill.loss == "kd" or recipe.student.init == "prune")
+        return [("student", True, student_tokenizer),
+                ("teacher", local and not teacher.finetune, not black_box and own_teacher_tokenizer)]
+    if stage == "generate" and black_box:
+        return [("student", False, not embedded)]
+    if stage == "generate" or recipe.evaluate.include_teacher:
+        return [("teacher", not teacher.finetune, own_teacher_tokenizer)]
+    return []
+
+
+def _dispatch(args, recipe: Recipe | None, overrides: list[str], rank: int) -> int:
     # Stage modules are heavy (torch, DeepSpeed, transformers): imported once the command is known.
     if args.stage == "demo":
         from dskd.stages import demo
 
         packaged = demo.blackbox_demo_recipe if args.blackbox else demo.demo_recipe
         run = partial(demo.run_blackbox_demo, quick=args.quick) if args.blackbox else demo.run_demo
-        recipe = load_recipe(args.config, overrides) if args.config else packaged(args.quick, overrides)
+        recipe = recipe or packaged(args.quick, overrides)
         if args.print_recipe:
             print(to_yaml(recipe))
             return 0
@@ -149,7 +209,6 @@ def _dispatch(args, overrides: list[str], rank: int) -> int:
             clear_done_markers(recipe.run.output_dir)
         run(recipe)
         return 0
-    recipe = load_recipe(args.config, overrides)
     if args.stage in ("teacher", "distill"):
         from dskd.stages.train import train_stage
 

@@ -1,12 +1,15 @@
 """The recipe schema: one validated YAML document drives every stage.
 
 Unknown or misspelled keys are errors that name the key and list the valid ones; `a.b=c` command-line
-overrides are checked against the same schema, before any model is loaded.
+overrides are checked against the same schema, before any model is loaded. `check_model_source` checks that
+the model and tokenizer paths a recipe names exist. This module imports no torch, transformers or datasets:
+the CLI runs all of it before anything heavy loads, so a bad recipe is reported in well under a second.
 """
 
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -330,6 +333,77 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         return Recipe.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_format_errors(exc, source)) from None
+
+
+# ------------------------------------------------------------------------------------- model sources
+
+# A Hugging Face hub name: "name" or "namespace/name" (letters, digits, -_.); a local path may look the same.
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "vocab.json",
+                    "vocab.txt", "sentencepiece.bpe.model")
+
+
+def check_model_source(spec: ModelConfig, role: str, *, weights: bool = True, tokenizer: bool = False) -> None:
+    """Fail before anything loads when a model or tokenizer the recipe names cannot be found.
+
+    weights: the stage builds this model (init=config needs model_type) or loads it from `{role}.path`
+    (init=pretrained). tokenizer: the stage loads its tokenizer from `{role}.tokenizer`, else `{role}.path`.
+    A path must be a local directory written by save_pretrained, or a hub name cached on this machine (the
+    contract of ModelConfig.path); the error names the key instead of the hub client's "Repo id must be...".
+    """
+    if weights and spec.init == "config" and not spec.model_type:
+        raise ConfigError(f"{role}.init=config needs {role}.model_type (e.g. t5, bart, llama, gpt2)")
+    if weights and spec.init == "pretrained":
+        if not spec.path:
+            raise ConfigError(f"{role}.path is not set: give a local Hugging Face model directory "
+                              f"(or {role}.init=config with {role}.model_type)")
+        _check_hf_source(spec.path, f"{role}.path", ("config.json",), "model")
+    if tokenizer:
+        check_tokenizer_source(spec, role)
+
+
+def check_tokenizer_source(spec: ModelConfig, role: str, path: str | None = None) -> None:
+    """The tokenizer `dskd.models.load_tokenizer(spec, path)` would read exists: `{role}.tokenizer`, else
+    `path` (a directory the pipeline wrote, e.g. the fine-tuned teacher), else `{role}.path`."""
+    if spec.tokenizer:
+        _check_hf_source(spec.tokenizer, f"{role}.tokenizer", _TOKENIZER_FILES, "tokenizer")
+    elif path:
+        _check_hf_source(path, f"the {role} directory", _TOKENIZER_FILES, "tokenizer",
+                         hint=f" (set {role}.tokenizer to read it from elsewhere)")
+    elif spec.path:
+        _check_hf_source(spec.path, f"{role}.path", _TOKENIZER_FILES, "tokenizer",
+                         hint=f" (the tokenizer is read from {role}.path unless {role}.tokenizer is set)")
+    else:
+        raise ConfigError(f"{role}: no tokenizer: set {role}.tokenizer (or {role}.path) to a tokenizer directory")
+
+
+def _check_hf_source(value: str, key: str, files: tuple[str, ...], what: str, hint: str = "") -> None:
+    """`value` (named `key` in errors) is a local directory with one of `files`, or a cached hub name."""
+    label = f"{key}={value}" if "." in key else f"{key} {value}"
+    path = Path(value).expanduser()
+    if path.is_dir():
+        if not any((path / name).is_file() for name in files):
+            raise ConfigError(f"{label}: the directory has no {what} files ({' / '.join(files[:2])}){hint}; is it a "
+                              f"Hugging Face {what} directory (written by save_pretrained)?")
+        return
+    if path.exists():
+        raise ConfigError(f"{label} is a file; it must be a Hugging Face {what} directory")
+    if _REPO_ID.match(value) and ".." not in value and _cached_on_hub(value, files):
+        return
+    where = "" if path.is_absolute() else f" (relative to {Path.cwd()})"
+    raise ConfigError(f"{label}: no such directory{where}, and no Hugging Face hub {what} of that name is cached "
+                      f"on this machine{hint}. Set {key} to the directory your {what} was saved to, or download "
+                      "the hub model first (`huggingface-cli download NAME`)")
+
+
+def _cached_on_hub(repo_id: str, files: tuple[str, ...]) -> bool:
+    # huggingface_hub is imported only here, for a name that is not a local directory (0.2 s).
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return any(isinstance(try_to_load_from_cache(repo_id, name), str) for name in files)
+    except ValueError:  # not a valid repo id after all
+        return False
 
 
 def deep_merge(base: dict, update: dict) -> dict:

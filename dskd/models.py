@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import importlib.util
 import logging
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -23,7 +22,8 @@ from transformers import (
     PreTrainedModel,
 )
 
-from dskd.config import ConfigError, ModelConfig, PruneConfig
+from dskd.config import ConfigError, ModelConfig, PruneConfig, check_tokenizer_source
+from dskd.config import check_model_source  # noqa: F401 (re-exported: it lived here)
 
 log = logging.getLogger(__name__)
 
@@ -45,24 +45,6 @@ def attention_implementation(requested: str) -> str | None:
     if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
     return "sdpa"
-
-
-def check_model_source(spec: ModelConfig, role: str) -> None:
-    """Fail before anything loads when a path the recipe names does not exist."""
-    if spec.init == "config":
-        if not spec.model_type:
-            raise ConfigError(f"{role}.init=config needs {role}.model_type (e.g. t5, bart, llama, gpt2)")
-        return
-    if spec.init == "prune":
-        return
-    if not spec.path:
-        raise ConfigError(f"{role}.path is not set: give a local Hugging Face model directory")
-    p = Path(spec.path)
-    if p.exists():
-        if not (p / "config.json").is_file():
-            raise ConfigError(f"{role}.path={p} has no config.json: is it a Hugging Face model directory?")
-    elif "/" not in spec.path or spec.path.startswith((".", "/")):
-        raise ConfigError(f"{role}.path={spec.path} does not exist")
 
 
 def _quantization_config(kind: str):
@@ -137,10 +119,11 @@ def _check_loading(info: dict, source: str) -> None:
                     len(missing), sorted(missing)[:5])
 
 
-def load_tokenizer(spec: ModelConfig, path: str | None = None):
+def load_tokenizer(spec: ModelConfig, path: str | None = None, role: str = "model"):
+    """The tokenizer of `spec` (`role` names its recipe section in errors): spec.tokenizer, else `path`, else
+    spec.path. A missing one is a ConfigError naming the key, not the hub client's chain of lookups."""
+    check_tokenizer_source(spec, role, path)
     source = spec.tokenizer or path or spec.path
-    if source is None:
-        raise ConfigError("no tokenizer: set the model path or its `tokenizer` key")
     return AutoTokenizer.from_pretrained(source, trust_remote_code=spec.trust_remote_code)
 
 
@@ -155,8 +138,9 @@ def check_tokenizers(teacher_tok, student_tok) -> None:
             "teacher and student tokenizers differ: logits KD compares the two models' next-token distributions "
             "position by position, which needs one shared vocabulary (same tokens, same ids). "
             f"{len(tv)} vs {len(sv)} tokens; only in teacher: {only_t}; only in student: {only_s}; "
-            f"different ids: {moved}. Use the teacher's tokenizer for the student (student.tokenizer=<teacher "
-            "path>), or distill with loss=ce on teacher PTs (sequence-level KD needs no shared vocabulary)."
+            f"different ids: {moved}. Either give the student the teacher's tokenizer (student.tokenizer=<the "
+            "teacher's tokenizer directory>, and a student whose embeddings match it), or distill with "
+            "distill.loss=ce on teacher PTs (sequence-level KD needs no shared vocabulary)."
         )
 
 

@@ -90,8 +90,9 @@ class Teacher:
     def tokenizer(self, recipe: Recipe, task: TaskData):
         """The tokenizer the student's targets are written in. The embedded task ships its own."""
         if task.tokenizer_path is not None:
-            return load_tokenizer(recipe.teacher.model_copy(update={"tokenizer": str(task.tokenizer_path)}))
-        return load_tokenizer(recipe.teacher, path=teacher_model_path(recipe))
+            return load_tokenizer(recipe.teacher.model_copy(update={"tokenizer": str(task.tokenizer_path)}),
+                                  role="teacher")
+        return load_tokenizer(recipe.teacher, path=teacher_model_path(recipe), role="teacher")
 
     def training_pool(self, encoder: Encoder, labeled: datasets.Dataset | None, pts: datasets.Dataset | None,
                       sources: list[str]) -> TrainingPool:
@@ -149,7 +150,7 @@ class StoredTopKTeacher(Teacher):
     def tokenizer(self, recipe: Recipe, task: TaskData):
         if task.tokenizer_path is not None:
             return super().tokenizer(recipe, task)
-        return load_tokenizer(recipe.student)  # the PTs were aligned to the student's tokens
+        return load_tokenizer(recipe.student, role="student")  # the PTs were aligned to the student's tokens
 
     def training_pool(self, encoder: Encoder, labeled: datasets.Dataset | None, pts: datasets.Dataset | None,
                       sources: list[str]) -> TrainingPool:

@@ -5,15 +5,34 @@
             targets   grad_accum micro-batches from the phase's pool; Joint-Teaching swaps some for student
                       samples; the phase's teacher adds its per-batch inputs (`Teacher.prepare`)
             step()    global token count (exact normalizer) -> per micro-batch: teacher signal -> fused loss in
-                      the student engine -> non-finite guard -> backward -> step
-            after     log (MLflow), dev eval, stop on SIGUSR1/SIGTERM (checkpoint, exit 75), periodic save
+                      the student engine -> non-finite guard -> backward -> gradient guard -> step
+            after     log (MLflow), stall guard, dev eval, stop on SIGUSR1/SIGTERM/Ctrl-C (checkpoint, exit 75),
+                      periodic save
 
 Contracts:
   - The loss of a step is normalized by the number of valid target tokens over all its micro-batches and all
     ranks, so every rank and micro-batch count contributes exactly once (`TrainStats.tokens`).
   - `TrainState` is the whole resumable position (phase, next micro-batch, step, MLflow run, losses so far);
     together with the engine's checkpoint and the RNG state, a resumed run reproduces the uninterrupted losses.
-  - A non-finite loss on any rank stops training on every rank, after saving the last good state.
+  - Divergence stops training on every rank with `TrainingDiverged` naming the step (every rank decides alike:
+    the loss is checked with a collective, the gradient norm and the per-step losses are global already):
+      1. a non-finite loss (per micro-batch, before its backward);
+      2. a non-finite gradient norm, or one above GRAD_NORM_LIMIT, at the accumulation boundary;
+      3. a stall: STALL_STEPS steps in a row whose loss is far above the phase's first loss (more than twice
+         it, and more than 1 nat above) or frozen (within STALL_TOLERANCE of the step before) and not below it.
+    "Last good" is the state before the bad step. For 1 and 2 it is still in the engine when the guard fires:
+    the loss is checked before its backward; DeepSpeed reports no norm for plain fp32 ZeRO-0, so the guard
+    computes it from the (all-reduced) gradients at the boundary, before `engine.step()`; with ZeRO 1-3 or
+    bf16, DeepSpeed computes the norm inside `step()` and itself skips an update whose norm is not finite.
+    That state is saved as checkpoint `last-good-stepN` (N steps done). No per-step snapshot is kept: it would
+    cost a copy of weights and optimizer state every step, for a rare event. When the bad update is already
+    in the weights (a stall, which shows only after many steps; a finite norm above the limit whose clipped
+    update ZeRO 1-3 applied), the last good state is the newest periodic checkpoint (`save_every`) from
+    before the bad step; while a stall streak runs, checkpoints are not pruned, so the one from before it
+    survives. `latest_complete` then points at the last good checkpoint (or is removed when none exists), so
+    `--resume auto` never continues from a diverged state.
+    fp16 runs are exempt from rule 2's non-finite case: DeepSpeed's dynamic loss scaling skips overflowing
+    steps by design.
 The Trainer knows nothing of recipes, files or models beyond the engine: `dskd.stages.train` composes it.
 """
 
@@ -30,6 +49,7 @@ import torch.distributed as torch_dist
 from tqdm.auto import tqdm
 
 from dskd import checkpoint, preemption
+from dskd.atomic import atomic_write_text
 from dskd.config import TrainConfig
 from dskd.data.collate import Encoder, collate_training
 from dskd.engines import DistInfo
@@ -39,9 +59,25 @@ from dskd.objectives import Pair, TrainingPool
 from dskd.teachers import Teacher
 from dskd.tracking import Tracker
 
+# Gradient norms (pre-clip, global) above this mean blown-up weights, not a hard batch. The loss is normalized
+# per target token, so its gradient with respect to the logits has norm <= sqrt(2) per token before the mean;
+# through normalized transformer layers that yields norms of O(1e-2..1e2), rarely 1e3 in a loss spike,
+# whatever the model size or batch size. 1e6 is three orders of magnitude past any healthy step: activations
+# or weights have grown by that much, and the clipped update (grad_clip / 1e6 of the raw gradient) carries
+# nothing but their overflow. Non-finite norms (inf/NaN; MLflow shows inf as 1.797e308) always stop.
+GRAD_NORM_LIMIT = 1e6
+# Steps in a row a stall must last. A healthy run's loss is noisy from batch to batch and wanders below its
+# start within a few steps; 20 consecutive steps far above it, or frozen at or above it, do not happen.
+STALL_STEPS = 20
+# "Frozen": relative change between consecutive steps' losses. Different micro-batches give losses that differ
+# by far more than this; a model whose output no longer depends on its input (e.g. a uniform distribution,
+# loss ln V) repeats the same loss to fp32 rounding (~1e-7).
+STALL_TOLERANCE = 1e-5
+
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN/inf; the last good state was checkpointed."""
+    """Training diverged (non-finite loss, overflowing gradient norm, or a stalled loss); the message names
+    the step and where the last good state is (see the module docstring)."""
 
 
 @dataclass
@@ -90,6 +126,7 @@ class TrainStats:
     micro_batches: int = 0
     student_batches: int = 0  # micro-batches that trained on Joint-Teaching student samples
     seconds: float = 0.0
+    grad_norm: float | None = None  # global pre-clip gradient norm of the step (None: not computed)
 
     def add(self, out: KDLossOutput) -> None:
         self.loss += out.loss.detach().float().cpu()
@@ -171,13 +208,21 @@ class Trainer:
         local_tokens = sum(int(b["target_mask"].sum()) for b in batches)
         stats.tokens = all_reduce(torch.tensor([float(local_tokens)]))
         normalizer = (stats.tokens / self.ctx.dist.world_size).squeeze(0).to(self.engine.device)
+        own_norm = None
         for micro, batch in enumerate(batches):
             with phase.teacher.signal(batch) as signal:
                 out = self.engine(batch, phase.loss, normalizer, signal)
             self._stop_if_not_finite(out.loss, micro)
             self.engine.backward(out.loss, scale_wrt_gas=False)
+            if micro == len(batches) - 1:  # the accumulation boundary: the next step() updates the weights
+                own_norm = self._grad_norm_before_step()
+                if own_norm is not None:
+                    self._stop_if_bad_gradient(own_norm, applied=False)
             self.engine.step()
             stats.add(out)
+        stats.grad_norm = own_norm if own_norm is not None else _as_float(self.engine.get_global_grad_norm())
+        if own_norm is None and stats.grad_norm is not None:
+            self._stop_if_bad_gradient(stats.grad_norm, applied=self.engine.was_step_applied())
         stats.reduce()
         stats.seconds = time.perf_counter() - started
         return stats
@@ -199,18 +244,87 @@ class Trainer:
         """Agree across ranks; on a NaN/inf save the state before this step and raise TrainingDiverged."""
         if bool(all_reduce(torch.isfinite(loss.detach()).float().cpu(), torch_dist.ReduceOp.MIN)):
             return
-        state, ctx = self.state, self.ctx
-        tag = checkpoint.save(self.engine, ctx.checkpoints, state.step, state.client_state(),
-                              is_main=ctx.dist.is_main, tag=f"last-good-step{state.step:08d}")
-        raise TrainingDiverged(
-            f"{ctx.label}: the loss became {loss.item()} at step {state.step + 1} (micro-batch {micro}); the last "
-            f"good state is saved in {ctx.checkpoints / tag}. Lower the learning rate (currently "
-            f"{ctx.train.optim.lr}) or check the data.")
+        self._diverged(f"the loss became {loss.item()} at step {self.state.step + 1} (micro-batch {micro})",
+                       save_now=True)
+
+    def _grad_norm_before_step(self) -> float | None:
+        """The global pre-clip gradient norm, for the engines whose norm DeepSpeed does not report: plain fp32
+        without ZeRO (it clips with a norm it discards). The .grad tensors are all-reduced by then (the boundary
+        backward), so every rank gets the same value. None where DeepSpeed computes the norm inside step()."""
+        engine = self.engine
+        if engine.zero_optimization() or engine.fp16_enabled() or engine.bfloat16_enabled():
+            return None
+        norms = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
+        return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+    def _stop_if_bad_gradient(self, norm: float, applied: bool) -> None:
+        """Rule 2 of the module docstring. `applied`: the update of this step is already in the weights."""
+        overflow = not math.isfinite(norm)
+        if overflow and self.engine.fp16_enabled():
+            return  # dynamic loss scaling: DeepSpeed skipped the step and lowers the scale
+        if not overflow and norm <= GRAD_NORM_LIMIT:
+            return
+        what = "is not finite" if overflow else f"exceeds {GRAD_NORM_LIMIT:.0e} (blown-up weights)"
+        message = f"the gradient norm {what} at step {self.state.step + 1}: {norm:.4g}"
+        if not applied:
+            self._diverged(message, save_now=True)
+        # ZeRO 1-3 / bf16 applied a finite, clipped update: the state before it is gone
+        self._diverged(message + f" (its update, clipped to {self.ctx.train.optim.grad_clip}, is applied)",
+                       save_now=False, bad_step=self.state.step + 1)
+
+    def _diverged(self, problem: str, save_now: bool, bad_step: int = 0) -> None:
+        """Raise TrainingDiverged. save_now: the engine still holds the state before the bad step; save it as
+        the last good checkpoint. Otherwise the update of step `bad_step` is in the weights: point at the newest
+        periodic checkpoint from before it."""
+        ctx, state = self.ctx, self.state
+        if save_now:
+            tag = checkpoint.save(self.engine, ctx.checkpoints, state.step, state.client_state(),
+                                  is_main=ctx.dist.is_main, tag=f"last-good-step{state.step:08d}")
+            kept = (f"the last good state (after step {state.step}) is saved in {ctx.checkpoints / tag}; "
+                    "`--resume auto` starts from it")
+        else:  # checkpoints written since `bad_step` hold the bad state: --resume auto must not pick them
+            tag = _newest_checkpoint_before(ctx.checkpoints, bad_step)
+            marker = ctx.checkpoints / checkpoint.LATEST
+            if ctx.dist.is_main and tag is not None:
+                atomic_write_text(marker, tag)
+            elif ctx.dist.is_main:
+                marker.unlink(missing_ok=True)
+            kept = (f"the last good state is the checkpoint {ctx.checkpoints / tag}; `--resume auto` starts from it"
+                    if tag is not None else
+                    f"no checkpoint from before step {bad_step} exists (`--resume auto` starts afresh; "
+                    "set save_every to keep some)")
+        raise TrainingDiverged(f"{ctx.label}: training diverged: {problem}; {kept}. Lower the learning rate "
+                               f"(currently {ctx.train.optim.lr}) or check the data.")
+
+    def _stall_start(self, phase_start: int) -> int | None:
+        """The first step (1-based) of the stall the phase's losses end in, None if the last step is not stalled
+        (rule 3 of the module docstring). A frozen loss freezes from the step before the first repeat on."""
+        losses = self.state.losses[phase_start:]
+        start, first = (losses[0] if losses else 0.0), None
+        for i in range(len(losses) - 1, 0, -1):
+            loss, before = losses[i], losses[i - 1]
+            far_above = loss > start + max(start, 1.0)
+            frozen = loss >= start and abs(loss - before) <= STALL_TOLERANCE * max(abs(loss), 1e-12)
+            if not (far_above or frozen):
+                break
+            first = i if frozen else i + 1  # 0-based i is step phase_start + i + 1
+        return None if first is None else phase_start + first
+
+    def _stop_if_stalled(self, phase_start: int) -> int | None:
+        """Rule 3; returns the stall streak's first step (None: no streak), which holds back checkpoint pruning."""
+        since = self._stall_start(phase_start)
+        if since is not None and self.state.step - since + 1 >= STALL_STEPS:
+            losses = self.state.losses
+            self._diverged(f"the loss has stalled since step {since} (now {losses[-1]:.6g}, the phase started at "
+                           f"{losses[phase_start]:.6g}): for {STALL_STEPS} steps it stayed far above its start or "
+                           f"did not move, so the model no longer learns from its input", save_now=False,
+                           bad_step=since - 1)  # the loss of step `since` comes from the update of step since-1
+        return since
 
     # -- after each step -------------------------------------------------------------------------------------
 
     def after_step(self, index: int, stats: TrainStats, phase_start: int) -> None:
-        """Log, evaluate on dev, stop on a signal, save: in that order."""
+        """Log, stop on a stall (rule 3), evaluate on dev, stop on a signal, save: in that order."""
         phase, ctx, step = self.phases[index], self.ctx, self.state.step
         mbs, gas, world = ctx.train.micro_batch_size, ctx.train.grad_accum, ctx.dist.world_size
         if step % ctx.train.log_every == 0 or step == self.total_steps:
@@ -218,11 +332,12 @@ class Trainer:
                 **phase.teacher.step_metrics(stats.tail_mass, stats.tokens),
                 "train/loss": self.state.losses[-1], "train/kd": float(stats.kd) / world,
                 "train/ce": float(stats.ce) / world, "train/lr": self.engine.get_lr()[0],
-                "train/grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
+                **({"train/grad_norm": stats.grad_norm} if stats.grad_norm is not None else {}),
                 "train/tokens_per_s": float(stats.tokens) / stats.seconds,
                 "train/student_pt_batches": stats.student_batches / gas, "train/phase": index,
                 "train/epoch": self.state.micro / max(1, phase.pool.micro_batches_per_epoch(mbs, world)),
             }, step=step)
+        stalled_since = self._stop_if_stalled(phase_start)
         if ctx.dev_metrics is not None and self._eval_due(step, phase.steps_per_epoch(mbs, gas, world), phase_start):
             ctx.run.log_metrics(ctx.dev_metrics(), step=step)
         if preemption.agreed():
@@ -231,7 +346,8 @@ class Trainer:
                                        "--resume auto")
         if ctx.train.save_every and step % ctx.train.save_every == 0:
             self.save()
-            checkpoint.prune_old(ctx.checkpoints, keep=2, is_main=ctx.dist.is_main)
+            if stalled_since is None:  # during a stall streak, keep the checkpoints from before it
+                checkpoint.prune_old(ctx.checkpoints, keep=2, is_main=ctx.dist.is_main)
 
     def _eval_due(self, step: int, steps_per_epoch: int, phase_start: int) -> bool:
         train = self.ctx.train
@@ -244,3 +360,21 @@ class Trainer:
     def save(self) -> str:
         return checkpoint.save(self.engine, self.ctx.checkpoints, self.state.step, self.state.client_state(),
                                is_main=self.ctx.dist.is_main)
+
+
+def _as_float(value) -> float | None:
+    """DeepSpeed's norm: None, a float or a 0-d tensor."""
+    return None if value is None else float(value)
+
+
+def _newest_checkpoint_before(root: Path, step: int) -> str | None:
+    """The newest complete periodic checkpoint of fewer than `step` steps (the ones up to `latest_complete`
+    are complete: a save finishes before the next one starts)."""
+    latest = checkpoint.latest(root)
+    if latest is None or not latest.startswith("step"):
+        return None
+    done = [int(p.name.removeprefix("step")) for p in Path(root).glob("step*") if p.is_dir()
+            and p.name.removeprefix("step").isdigit()]
+    limit = int(latest.removeprefix("step"))
+    good = [n for n in done if n < step and n <= limit]
+    return f"step{max(good):08d}" if good else None

@@ -13,6 +13,7 @@ the positions that count (target tokens incl. the final EOS; never prompt or pad
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal, Sequence
 
@@ -38,13 +39,36 @@ class Formatting:
 
 @dataclass
 class TruncationCounter:
-    """Counts inputs/targets cut to the length limits, so nothing is shortened silently."""
+    """Counts inputs/targets cut to the length limits, so nothing is shortened silently, and the longest seen.
 
-    inputs: int = 0
-    targets: int = 0
+    Lengths are counted as the limits count them: a prompt with its BOS and its EOS/separator
+    (data.max_input_tokens), a target with its EOS (data.max_target_tokens).
+    """
+
+    inputs: int = 0  # prompts cut to max_input_tokens
+    targets: int = 0  # targets cut to max_target_tokens
+    seen_inputs: int = 0
+    seen_targets: int = 0
+    longest_input: int = 0  # before truncation
+    longest_target: int = 0
+
+    def saw_input(self, length: int, limit: int) -> None:
+        self.seen_inputs += 1
+        self.inputs += length > limit
+        self.longest_input = max(self.longest_input, length)
+
+    def saw_target(self, length: int, limit: int) -> None:
+        self.seen_targets += 1
+        self.targets += length > limit
+        self.longest_target = max(self.longest_target, length)
 
     def as_metrics(self, prefix: str = "data") -> dict[str, int]:
-        return {f"{prefix}/truncated_inputs": self.inputs, f"{prefix}/truncated_targets": self.targets}
+        """Input counts, and target counts when targets were seen (a split's references are not)."""
+        out = {f"{prefix}/truncated_inputs": self.inputs, f"{prefix}/longest_input_tokens": self.longest_input}
+        if self.seen_targets:
+            out.update({f"{prefix}/truncated_targets": self.targets,
+                        f"{prefix}/longest_target_tokens": self.longest_target})
+        return out
 
 
 @dataclass
@@ -70,14 +94,24 @@ class Encoder:
     def prompt_ids_batch(self, texts: Sequence[str]) -> list[list[int]]:
         tail = [self.tokenizer.eos_token_id] if self.formatting.arch == "seq2seq" else self._separator
         bos = self._causal_bos()
-        room = self.formatting.max_input_tokens - len(tail) - len(bos)
+        limit = self.formatting.max_input_tokens
+        room = limit - len(tail) - len(bos)
         out = []
         for ids in self._tokenize(texts):
-            if len(ids) > room:
-                self.truncated.inputs += 1
-                ids = ids[:room]
-            out.append(bos + ids + tail)
+            self.truncated.saw_input(len(bos) + len(ids) + len(tail), limit)
+            out.append(bos + ids[:room] + tail)
         return out
+
+    def measure(self, inputs: Sequence[str], targets: Sequence[str] | None = None,
+                chunk: int = 2048) -> TruncationCounter:
+        """What the length limits do to these texts (e.g. one split): a fresh count, the same rules as
+        `prompt_ids_batch` / `target_ids_batch`; the ids are not kept and `self.truncated` is untouched."""
+        probe = dataclasses.replace(self, truncated=TruncationCounter())
+        for start in range(0, len(inputs), chunk):
+            probe.prompt_ids_batch(inputs[start:start + chunk])
+        for start in range(0, len(targets or ()), chunk):
+            probe.target_ids_batch(targets[start:start + chunk])
+        return probe.truncated
 
     def target_ids(self, text: str) -> list[int]:
         """Target tokens ending with EOS, truncated to max_target_tokens (EOS kept)."""
@@ -97,11 +131,8 @@ class Encoder:
         ids = list(ids)
         if eos in ids:
             ids = ids[: ids.index(eos)]
-        limit = self.formatting.max_target_tokens - 1
-        if len(ids) > limit:
-            self.truncated.targets += 1
-            ids = ids[:limit]
-        return ids + [eos]
+        self.truncated.saw_target(len(ids) + 1, self.formatting.max_target_tokens)
+        return ids[: self.formatting.max_target_tokens - 1] + [eos]
 
     def _causal_bos(self) -> list[int]:
         bos = self.tokenizer.bos_token_id

@@ -2,28 +2,43 @@
 
 Sources: a .jsonl / .json / .csv / .parquet file, a directory written by `Dataset.save_to_disk`, a local
 dataset directory or a hub name for `datasets.load_dataset`. Every row is checked the same way: a
-missing field or a malformed line is an error that names the file, line and what to change; an empty
-input or target is skipped and counted in the `LoadReport` (which the pipeline logs), never dropped
-silently. JSONL is parsed line by line so that errors can point at the exact line.
+missing field or a malformed line is an error (`DataError`, a `ConfigError`: the CLI reports it as one line,
+exit 2) that names the file, line, the recipe key (`data.input_field`, ...) and what to change; an empty
+input or target is skipped and counted in the `LoadReport` (which the pipeline prints and logs), never
+dropped silently. JSONL is parsed line by line so that errors can point at the exact line.
+
+`check_data_files` is the preflight: every file the recipe's data section names exists and its first rows
+have the recipe's fields. It reads a few rows with the standard library (pyarrow for Parquet), so the CLI runs
+it before torch, datasets or pandas load; those are imported inside the functions that load whole splits.
 """
 
 from __future__ import annotations
 
+import csv
+import itertools
 import json
 import math
 import numbers
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
-import datasets
-import pandas as pd
+from dskd.config import ConfigError, DataConfig
+
+if TYPE_CHECKING:  # heavy (datasets ~3 s, pandas ~1 s): imported where whole splits are loaded
+    import datasets
+    import pandas as pd
 
 FILE_FORMATS = (".jsonl", ".json", ".csv", ".parquet")
+SPLITS = ("labeled", "unlabeled", "dev", "test")
+PEEK_ROWS = 5  # rows the preflight reads from each file
+_KEYS = {"input": "data.input_field", "target": "data.target_field", "id": "data.id_field"}
 
 
-class DataError(ValueError):
-    """Bad task data; the message says where (file:line or dataset/key) and what to do."""
+class DataError(ConfigError):
+    """Bad task data; the message says where (file:line or dataset/key) and what to do. A user error like a
+    bad recipe (a `ConfigError`, hence also a `ValueError`)."""
 
 
 @dataclass
@@ -48,6 +63,15 @@ class _Fields:
     target: str | None
     id: str | None
 
+    def named(self) -> list[tuple[str, str]]:
+        """(role, field name) of the fields every row must have."""
+        return [(role, name) for role, name in (("input", self.input), ("target", self.target), ("id", self.id))
+                if name is not None]
+
+    def example(self) -> str:
+        """One JSON line with these fields, for messages."""
+        return "{" + ", ".join(f'"{name}": ...' for _, name in self.named()) + "}"
+
 
 def load_split(source: str, *, split: str, input_field: str = "input", target_field: str | None = "target",
                hf_split: str | None = None, hf_config: str | None = None, max_examples: int | None = None,
@@ -57,13 +81,15 @@ def load_split(source: str, *, split: str, input_field: str = "input", target_fi
     Unlabeled splits pass target_field=None. Ids come from `id_field`, else f"{split}-{row}" (row counted
     from 0 over all rows read, so ids stay the same when empty rows are skipped).
     """
+    import datasets
+
     fields = _Fields(input_field, target_field, id_field)
     report = LoadReport(split=split, source=str(source))
     ids: list[str] = []
     inputs: list[str] = []
     targets: list[str] = []
     first_row_of_id: dict[str, str] = {}
-    for where, row_number, row in _rows(str(source), split, hf_split, hf_config):
+    for where, row_number, row in _rows(str(source), split, hf_split, hf_config, fields):
         if max_examples is not None and report.kept >= max_examples:
             break
         report.read += 1
@@ -100,11 +126,11 @@ def load_split(source: str, *, split: str, input_field: str = "input", target_fi
 def _check_row(row: Any, fields: _Fields, where: str) -> tuple[str, str]:
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object with fields, got {type(row).__name__}")
-    wanted = [fields.input] + [f for f in (fields.target, fields.id) if f is not None]
-    for name in wanted:
+    for role, name in fields.named():
         if name not in row:
             raise DataError(f"{where}: no field '{name}' (available: {', '.join(map(str, row)) or 'none'}); "
-                            f"rename the field in the data or set the field name in the recipe's data section")
+                            f"{_KEYS[role]}={name!r} names the {role} field: set {_KEYS[role]} to the field that "
+                            f"holds the {role}s, or rename the field in the data")
     text_in = _text(row[fields.input], fields.input, where)
     text_out = _text(row[fields.target], fields.target, where) if fields.target is not None else ""
     return text_in, text_out
@@ -114,38 +140,55 @@ def _text(value: Any, name: str, where: str) -> str:
     """Field value as text: None/NaN count as empty; numbers are stringified; containers are errors."""
     if isinstance(value, str):
         return value
-    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+    pandas = sys.modules.get("pandas")  # pd.NA comes only from a pandas frame, so pandas is loaded then
+    if value is None or (pandas is not None and value is pandas.NA) or (isinstance(value, float) and math.isnan(value)):
         return ""
     if isinstance(value, numbers.Number):
         return str(value)
     raise DataError(f"{where}: field '{name}' must be text, got {type(value).__name__} ({str(value)[:60]!r})")
 
 
-def _rows(source: str, split: str, hf_split: str | None, hf_config: str | None) -> Iterator[tuple[str, int, Any]]:
+def _rows(source: str, split: str, hf_split: str | None, hf_config: str | None,
+          fields: _Fields) -> Iterator[tuple[str, int, Any]]:
     """(location for messages, row number from 0, row dict) for every row of the source."""
     path = Path(source)
     if path.is_file():
-        suffix = path.suffix.lower()
+        suffix = _file_type(path)
         if suffix == ".jsonl" or (suffix == ".json" and not _is_json_array(path)):
-            return _jsonl_rows(path)
+            return _jsonl_rows(path, fields)
         if suffix == ".json":
             return _json_array_rows(path)
+        import pandas as pd
+
         if suffix == ".csv":  # header is line 1: row i sits on line i + 2
             frame = pd.read_csv(path, dtype=str, keep_default_na=False)  # keep "NA"/"null" as text
             return ((f"{path}:{i + 2}", i, row) for i, row in enumerate(_frame_records(frame)))
-        if suffix == ".parquet":
-            frame = pd.read_parquet(path)
-            return ((f"{path} row {i}", i, row) for i, row in enumerate(_frame_records(frame)))
-        raise DataError(f"{path}: unsupported file type '{suffix}'; use one of {', '.join(FILE_FORMATS)} "
-                        f"or a datasets directory/name")
-    if path.suffix.lower() in FILE_FORMATS or (not path.exists() and path.is_absolute()):
+        frame = pd.read_parquet(path)
+        return ((f"{path} row {i}", i, row) for i, row in enumerate(_frame_records(frame)))
+    if _missing_file(path):
         raise DataError(f"{source}: file not found; check the path in the recipe")
     dataset = _load_dataset(source, split, hf_split, hf_config)
     name = f"{source}[{hf_split or split}]"
     return ((f"{name} row {i}", i, row) for i, row in enumerate(dataset))
 
 
+def _file_type(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix not in FILE_FORMATS:
+        raise DataError(f"{path}: unsupported file type '{suffix}'; use one of {', '.join(FILE_FORMATS)} "
+                        f"or a datasets directory/name")
+    return suffix
+
+
+def _missing_file(path: Path) -> bool:
+    """A path that names a data file (by its suffix, or absolute) that is not there; anything else may be a
+    `datasets` directory or hub name."""
+    return path.suffix.lower() in FILE_FORMATS or (not path.exists() and path.is_absolute())
+
+
 def _load_dataset(source: str, split: str, hf_split: str | None, hf_config: str | None) -> datasets.Dataset:
+    import datasets
+
     wanted = hf_split or split
     path = Path(source)
     if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
@@ -173,7 +216,7 @@ def _is_json_array(path: Path) -> bool:
     return False
 
 
-def _jsonl_rows(path: Path) -> Iterator[tuple[str, int, Any]]:
+def _jsonl_rows(path: Path, fields: _Fields) -> Iterator[tuple[str, int, Any]]:
     row_number = 0
     with path.open(encoding="utf-8") as handle:
         for line_number, line in enumerate(handle, start=1):
@@ -184,7 +227,7 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[str, int, Any]]:
                 row = json.loads(line)
             except json.JSONDecodeError as error:
                 raise DataError(f"{where}: invalid JSON ({error.msg} at column {error.colno}); each line must "
-                                f"be one JSON object like {{\"input\": ..., \"target\": ...}}") from error
+                                f"be one JSON object like {fields.example()}; fix or remove the line") from None
             yield where, row_number, row
             row_number += 1
 
@@ -200,3 +243,54 @@ def _json_array_rows(path: Path) -> Iterator[tuple[str, int, Any]]:
 
 def _frame_records(frame: pd.DataFrame) -> Iterable[dict[str, Any]]:
     return frame.to_dict(orient="records")
+
+
+# ---------------------------------------------------------------------------------------------- preflight
+
+
+def check_data_files(data: DataConfig, splits: Iterable[str] = SPLITS) -> None:
+    """Each file the recipe's data section names exists, and its first PEEK_ROWS rows parse and have the
+    recipe's fields (`data.input_field`, `data.target_field` except for unlabeled, `data.id_field`).
+
+    Cheap and torch-free: the CLI calls it before the heavy imports. The embedded task (data.task) and
+    `datasets` directories / hub names are checked when loaded.
+    """
+    if data.task:
+        return
+    for name in splits:
+        source = getattr(data, name)
+        if source:
+            fields = _Fields(data.input_field, None if name == "unlabeled" else data.target_field, data.id_field)
+            _check_first_rows(source, f"data.{name}", fields)
+
+
+def _check_first_rows(source: str, key: str, fields: _Fields) -> None:
+    path = Path(source)
+    if not path.is_file():
+        if _missing_file(path):
+            raise DataError(f"{key}={source}: file not found; check the path in the recipe")
+        return
+    for where, row in itertools.islice(_first_rows(path, fields), PEEK_ROWS):
+        _check_row(row, fields, where)
+
+
+def _first_rows(path: Path, fields: _Fields) -> Iterator[tuple[str, Any]]:
+    """(location, row) from the start of a file, reading no more of it than needed (JSON arrays: all of it).
+    A CSV or Parquet file without rows yields its header as one empty row, so its columns are still checked."""
+    suffix = _file_type(path)
+    if suffix in (".jsonl", ".json"):
+        rows = _jsonl_rows(path, fields) if suffix == ".jsonl" or not _is_json_array(path) else _json_array_rows(path)
+        return ((where, row) for where, _, row in rows)
+    if suffix == ".csv":  # as pandas reads it in load_split: all text, header on line 1
+        with path.open(encoding="utf-8", newline="") as handle:
+            reader = csv.DictReader(handle)
+            records = [dict(row) for row in itertools.islice(reader, PEEK_ROWS)]
+            columns = reader.fieldnames or []
+        return iter([(f"{path}:{i + 2}", row) for i, row in enumerate(records or [dict.fromkeys(columns, "")])])
+    import pyarrow.parquet as pq  # 0.3 s, only for Parquet files
+
+    parquet = pq.ParquetFile(path)
+    batch = next(parquet.iter_batches(batch_size=PEEK_ROWS), None)
+    records = batch.to_pylist() if batch is not None else []
+    return iter([(f"{path} row {i}", row)
+                 for i, row in enumerate(records or [dict.fromkeys(parquet.schema_arrow.names, "")])])

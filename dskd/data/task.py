@@ -2,7 +2,9 @@
 
 Either way the result is the same: `datasets.Dataset` splits with columns id / input / target (unlabeled: no
 target), a load report per split (skips counted, never silent), a fingerprint logged with every run, and for
-the embedded task a locally trained tokenizer.
+the embedded task a locally trained tokenizer. Once a stage knows its tokenizer, `count_truncation` adds per
+split how many inputs (and training targets) the length limits cut; `metrics()` carries all of these counts
+to MLflow and `console_report()` words them for the terminal (a warning for every count that is not zero).
 """
 
 from __future__ import annotations
@@ -15,12 +17,11 @@ from pathlib import Path
 import datasets
 import torch.distributed as dist
 
-from dskd.config import ConfigError, Recipe
+from dskd.config import ConfigError, DataConfig, Recipe
+from dskd.data.collate import Encoder, TruncationCounter
 from dskd.data.docstrings import build_docstring_task
-from dskd.data.sources import LoadReport, load_split
+from dskd.data.sources import SPLITS, LoadReport, check_data_files, load_split
 from dskd.data.tokenizer import train_bpe_tokenizer
-
-SPLITS = ("labeled", "unlabeled", "dev", "test")
 
 
 @dataclass
@@ -29,12 +30,42 @@ class TaskData:
     reports: dict[str, LoadReport] = field(default_factory=dict)
     fingerprint: str = ""
     tokenizer_path: Path | None = None  # embedded task: the trained tokenizer
+    truncation: dict[str, TruncationCounter] = field(default_factory=dict)  # filled by count_truncation
 
     def metrics(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for report in self.reports.values():
             out.update(report.as_metrics())
+        for name, counter in self.truncation.items():
+            out.update(counter.as_metrics(f"data/{name}"))
         return out
+
+    def count_truncation(self, encoder: Encoder) -> None:
+        """Per loaded split, what the length limits cut: inputs, and the targets of the labeled split (the
+        only targets trained on as written; dev/test targets are references, compared as text)."""
+        for name, split in self.splits.items():
+            targets = split["target"] if name == "labeled" else None
+            self.truncation[name] = encoder.measure(split["input"], targets)
+
+    def console_report(self, data: DataConfig) -> tuple[list[str], list[str]]:
+        """(one line per split, one warning per skip or truncation count that is not zero), for the terminal."""
+        lines, warnings = [], []
+        for name, report in self.reports.items():
+            lines.append(f"data.{name}: {report.read} rows read, {report.kept} kept ({report.source})")
+            for count, what, key in ((report.skipped_empty_input, "an empty input", "input_field"),
+                                     (report.skipped_empty_target, "an empty target", "target_field")):
+                if count:
+                    warnings.append(f"data.{name}: {count} of {report.read} rows skipped: {what} (field "
+                                    f"{getattr(data, key)!r}, data.{key})")
+        for name, counter in self.truncation.items():
+            for cut, seen, longest, what, key in (
+                    (counter.inputs, counter.seen_inputs, counter.longest_input, "inputs", "max_input_tokens"),
+                    (counter.targets, counter.seen_targets, counter.longest_target, "targets", "max_target_tokens")):
+                if cut:
+                    warnings.append(f"data.{name}: {cut} of {seen} {what} are longer than data.{key}="
+                                    f"{getattr(data, key)} tokens and are truncated (longest: {longest} tokens); "
+                                    f"raise data.{key} to keep them whole")
+        return lines, warnings
 
     def require(self, name: str) -> datasets.Dataset:
         if name not in self.splits:
@@ -86,13 +117,9 @@ def _file_fingerprint(sources: dict[str, str]) -> str:
 
 
 def check_data_paths(recipe: Recipe) -> None:
-    """Fail before any model loads when a data file the recipe names is missing."""
-    if recipe.data.task:
-        return
-    for name in SPLITS:
-        source = getattr(recipe.data, name)
-        if source and Path(source).suffix in {".jsonl", ".json", ".csv", ".parquet"} and not Path(source).is_file():
-            raise ConfigError(f"data.{name}={source}: file not found")
+    """Fail before any model loads when a data file the recipe names is missing or its first rows lack the
+    recipe's fields (`dskd.data.sources.check_data_files`; the CLI runs the same check before heavy imports)."""
+    check_data_files(recipe.data)
 
 
 def load_task(recipe: Recipe, is_main: bool = True, needed: tuple[str, ...] = SPLITS) -> TaskData:
