@@ -3,14 +3,22 @@
 Rank 0 does the work (other ranks wait at a barrier): for every split, a constant-output baseline, the teacher
 (optional) and each named student are decoded with the recipe's decoding; ROUGE/BLEU, latency and throughput
 go into one table, logged to MLflow with the sample generations.
+
+Logged per split, for review in the MLflow UI: the metrics, `report_<split>.txt/.json`, `samples_<split>.json`
+(an `mlflow.log_table` table — input, reference, one column per model — that the run's Artifacts tab shows as a
+table) and `quality_latency_<split>.png` (`dskd.plots`: ROUGE-L against batch-1 latency, one labeled point per
+model). The text report and the PNG are also written to `<run.output_dir>/reports/`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch.distributed as torch_dist
 
+from dskd import plots
+from dskd.atomic import atomic_write_text
 from dskd.config import Recipe
 from dskd.data.collate import Encoder, Formatting
 from dskd.data.task import check_data_paths, load_task
@@ -90,6 +98,7 @@ def run_evaluate(recipe: Recipe, *, parent_run_id: str | None = None, tracker: T
                 run.log_text(table + "\n", f"report_{split}.txt")
                 run.log_dict(results, f"report_{split}.json")
                 run.log_table(samples_table(rows["input"], rows["target"], predictions), f"samples_{split}.json")
+                _write_review(run, recipe, split, results, table, str(dist.device))
                 print(f"\n[dskd] evaluation on {split} ({len(rows)} examples, {decoding.strategy} decoding)\n{table}\n")
                 report.results.update({f"{split}/{k}": v for k, v in results.items()})
                 report.table += f"{split}\n{table}\n"
@@ -97,6 +106,19 @@ def run_evaluate(recipe: Recipe, *, parent_run_id: str | None = None, tracker: T
     if torch_dist.is_initialized():
         torch_dist.barrier()
     return report
+
+
+def _write_review(run: Tracker, recipe: Recipe, split: str, results: dict[str, dict[str, float]], table: str,
+                  device: str) -> None:
+    """The split's text report and quality-vs-latency PNG under `<output_dir>/reports/`; the PNG logged to the run."""
+    cfg = recipe.evaluate
+    reports = Path(recipe.run.output_dir) / "reports"
+    atomic_write_text(reports / f"report_{split}.txt", table + "\n")
+    title = (f"{split}: ROUGE-L vs latency ({cfg.decoding.strategy} decoding on {device}; "
+             f"throughput: greedy, batch {cfg.efficiency_batch_size})")
+    png = plots.write_quality_latency(reports / f"quality_latency_{split}.png", results, title)
+    if png is not None:
+        run.log_artifact(png)
 
 
 def _metric_name(name: str) -> str:

@@ -1,11 +1,13 @@
 """`dskd teacher` and `dskd distill`: the composition root of a training stage.
 
 `TrainingStage.run()` reads top to bottom, like a torchtune recipe:
-    setup_data     labeled split, dev split, tokenizer (the teacher signal decides which), PT store
+    setup_data     labeled split, dev split, tokenizers (the teacher signal decides the targets'; the student
+                   uses its own when it names one), PT store; skip and truncation counts printed per split
     setup_models   the model to train (built, loaded or pruned from the teacher) and, for KD, the teacher
     setup_engines  the student engine (optimizer, ZeRO 0-3); the teacher placed by `LocalTeacher.place`
     resume         `--resume auto`: the latest complete checkpoint, its RNG state and `TrainState`
-    train          `dskd.trainer.Trainer.fit` inside an MLflow run, with SIGUSR1/SIGTERM handling
+    train          `dskd.trainer.Trainer.fit` inside an MLflow run, with SIGUSR1/SIGTERM handling; the loss curves
+                   (`dskd.plots`) are logged when it ends, also at a preemption checkpoint or a divergence
     export         a plain Hugging Face directory, reloaded and checked against the engine, logged to MLflow
 A finished stage writes DONE.json with its stage key (`dskd.layout`); a rerun with the same recipe reuses it.
 """
@@ -14,13 +16,14 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as torch_dist
 
-from dskd import checkpoint, preemption
+from dskd import checkpoint, plots, preemption
 from dskd.config import ConfigError, Recipe, TrainConfig
 from dskd.data.collate import Encoder, Formatting
 from dskd.data.pt_store import PTStore
@@ -113,20 +116,49 @@ class TrainingStage:
         recipe = self.recipe
         self.task = load_task(recipe, self.dist.is_main, needed=("labeled", "dev"))
         if self.stage == "teacher" and self.task.tokenizer_path is None:
-            self.tokenizer = load_tokenizer(recipe.teacher)
+            self.tokenizer = load_tokenizer(recipe.teacher, role="teacher")
         else:
             self.tokenizer = self.primary.tokenizer(recipe, self.task)
+        self.teacher_tokenizer = self.tokenizer  # the teacher's (and its PTs'); the student may name its own
+        own_vocab = False
+        if self.stage == "distill" and (recipe.student.tokenizer or recipe.student.init == "pretrained"):
+            self.tokenizer = load_tokenizer(recipe.student, role="student")
+            own_vocab = self.tokenizer.get_vocab() != self.teacher_tokenizer.get_vocab()
+            if own_vocab:
+                self._check_own_student_vocabulary()
         self.pts = None
         if any("teacher_pt" in s.sources for s in self.specs):
             store = PTStore(pt_store_dir(recipe))
             if not store.is_complete():
                 raise ConfigError(f"no complete pseudo-target store at {store.root}: run `dskd generate` first")
             self.pts = store.load()
+            if own_vocab:  # sequence-level KD: the PT texts, in the student's tokens
+                self.pts = self.pts.map(self._student_pt_ids, batched=True, desc="PTs in the student's tokenizer")
+
+    def _check_own_student_vocabulary(self) -> None:
+        """The student's tokenizer differs from the teacher's: fine for CE (sequence-level KD, fine-tuning on
+        gold), an error for anything that compares the two models token by token or copies the teacher."""
+        recipe, source = self.recipe, self.recipe.student.tokenizer or self.recipe.student.path
+        if recipe.student.init == "prune":
+            raise ConfigError(f"student.tokenizer={source} ({len(self.tokenizer)} tokens) is not the teacher's "
+                              f"tokenizer ({len(self.teacher_tokenizer)} tokens), but student.init=prune copies the "
+                              "teacher, embeddings included: unset student.tokenizer, or build the student "
+                              "(student.init=config) for its own tokenizer")
+        if any(s.teacher.name != NoTeacher.name for s in self.specs):
+            try:
+                check_tokenizers(self.teacher_tokenizer, self.tokenizer)
+            except ConfigError as exc:
+                raise ConfigError(f"student tokenizer {source} vs the teacher's "
+                                  f"{self.teacher_tokenizer.name_or_path}: {exc}") from None
+
+    def _student_pt_ids(self, batch: dict) -> dict:
+        encode = self.tokenizer
+        return {"pt_ids": [encode(list(texts), add_special_tokens=False)["input_ids"] for texts in batch["pts"]]}
 
     def setup_models(self) -> None:
         """The model to train and, when a phase needs a local teacher (or the student is pruned from it), the
         teacher's weights."""
-        recipe, tokenizer = self.recipe, self.tokenizer
+        recipe, tokenizer, teacher_tokenizer = self.recipe, self.tokenizer, self.teacher_tokenizer
         t_spec = recipe.teacher
         self.teacher_hf = None
         if self.stage == "teacher":
@@ -140,19 +172,25 @@ class TrainingStage:
                 from_disk = t_spec.finetune or t_spec.init == "pretrained"
                 if t_spec.init == "pretrained":
                     check_model_source(t_spec, "teacher")
-                teacher = build_model(t_spec, tokenizer, path=teacher_model_path(recipe) if from_disk else None)
+                teacher = build_model(t_spec, teacher_tokenizer,
+                                      path=teacher_model_path(recipe) if from_disk else None)
             if recipe.student.init == "prune":
                 self.student_hf = prune_layers(teacher, recipe.student.prune).to(DTYPES[recipe.student.dtype])
             else:
-                self.student_hf = build_model(recipe.student, tokenizer)
-            if recipe.student.init == "pretrained" and needs_teacher:
-                check_tokenizers(tokenizer, load_tokenizer(recipe.student))
+                self.student_hf = build_model(recipe.student, tokenizer)  # the student's own tokenizer
             self.teacher_hf = teacher if needs_teacher else None
         self.vocab = check_vocab_rows(self.student_hf, tokenizer, "student")
         if self.teacher_hf is not None:
-            check_vocab_rows(self.teacher_hf, tokenizer, "teacher")
+            check_vocab_rows(self.teacher_hf, teacher_tokenizer, "teacher")
         self.arch = detect_arch(self.student_hf.config)
         self.encoder = Encoder(tokenizer, Formatting.from_data(recipe.data, self.arch))
+        self.task.count_truncation(self.encoder)
+        if self.dist.is_main:
+            lines, warnings = self.task.console_report(recipe.data)
+            for line in lines:
+                print(f"[dskd] {self.stage}: {line}")
+            for warning in warnings:
+                print(f"[dskd] {self.stage}: warning: {warning}", file=sys.stderr)
 
     def setup_engines(self) -> None:
         """Pools and step budgets, the student engine, the teacher placed (engine or quantized module)."""
@@ -201,11 +239,21 @@ class TrainingStage:
                 state.run_id = run.run_id
                 ctx = TrainContext(self.encoder, dist, self.train_cfg, run, self.out_dir / "checkpoints",
                                    label=self.stage, dev_metrics=self.dev_metrics)
-                state = Trainer(self.engine, self.phases, ctx).fit(state)
+                try:
+                    state = Trainer(self.engine, self.phases, ctx).fit(state)
+                finally:  # `fit` updates `state` in place: on a preemption or divergence, the curves so far
+                    self._plot_losses(run, state)
                 final = self.dev_metrics()
                 run.log_metrics(final, step=state.step)
                 model_dir = self.export(run, state, final)
         return StageResult(model_dir, state.run_id, state.step, state.losses, final)
+
+    def _plot_losses(self, run: Tracker, state: TrainState) -> None:
+        """`loss_curves.png` in the stage directory, logged to the run (rank 0; never raises)."""
+        if self.dist.is_main:
+            name = "teacher" if self.stage == "teacher" else f"distill-{self.recipe.student.name}"
+            plots.log_loss_curves(run, state.losses, [(p.name, p.steps) for p in self.phases],
+                                  self.out_dir / "loss_curves.png", f"{name}: training losses per optimizer step")
 
     def _tags(self) -> dict[str, str]:
         recipe = self.recipe
@@ -225,6 +273,9 @@ class TrainingStage:
                         "schedule/total_steps": sum(p.steps for p in self.phases),
                         "schedule/steps_per_phase": [p.steps for p in self.phases],
                         "data/train_pairs_per_epoch": [len(p.pool) for p in self.phases],
+                        "data/tokenizer_used": self.tokenizer.name_or_path,
+                        "data/tokenizer_vocab_size_used": len(self.tokenizer),
+                        "teacher/tokenizer_vocab_size_used": len(self.teacher_tokenizer),
                         "dist/world_size": self.dist.world_size})
         run.log_metrics(self.task.metrics(), step=0)
 

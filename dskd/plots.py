@@ -1,0 +1,168 @@
+"""Review pictures for the MLflow UI: loss curves of a training run, quality against latency of an evaluation.
+
+Contracts:
+  - matplotlib's Agg canvas is used directly (no pyplot): no global backend switch, no display needed, no figure
+    state shared between calls; every PNG is written atomically (`dskd.atomic`), so a reader never sees half.
+  - `write_*` functions return the path written, or None when there is nothing to draw; they raise on failure.
+  - `log_loss_curves` is the training stages' hook: it runs at the end of a stage and also when training stops
+    early (preemption checkpoint, divergence), so it never raises — a failed plot is a warning, the training
+    result (or the exception being raised) stands.
+  - Loss curves: `train/loss` per optimizer step from `TrainState.losses`; `train/kd` and `train/ce` at the steps
+    the run logged them (read back from the MLflow run, so they appear only when tracking is on; a series that
+    is zero throughout, KD in a CE-only run, is left out); dotted vertical lines mark phase boundaries, each
+    phase named above its span.
+  - Quality vs latency: ROUGE-L (y) against batch-1 `generate()` latency in ms (x, mean ± std), one labeled
+    point per model that was timed (teacher, students); the label carries parameters and greedy throughput;
+    the constant-output baseline, which has no latency, is a horizontal line.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import mlflow
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from dskd.atomic import atomic_write
+from dskd.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+DPI = 100
+SIZE = (9.0, 5.5)  # inches: 900x550 px, readable in the MLflow artifact pane
+LOGGED_LOSSES = ("train/kd", "train/ce")
+Series = tuple[Sequence[int], Sequence[float]]  # steps, values
+
+
+def save_png(fig: Figure, path: Path) -> Path:
+    """Render `fig` with the Agg canvas and write it atomically to `path` (parents created)."""
+    FigureCanvasAgg(fig)
+    atomic_write(Path(path), lambda handle: fig.savefig(handle, format="png", dpi=DPI, bbox_inches="tight"))
+    return Path(path)
+
+
+# ------------------------------------------------------------------------------------------ loss curves
+
+
+def phase_spans(phases: Sequence[tuple[str, int]]) -> list[tuple[str, int, int]]:
+    """(name, first step, last step) per phase, steps counted from 1 as `TrainState.step` counts them."""
+    spans, start = [], 0
+    for name, steps in phases:
+        spans.append((name, start + 1, start + steps))
+        start += steps
+    return spans
+
+
+def loss_curves_figure(series: dict[str, Series], phases: Sequence[tuple[str, int]], title: str) -> Figure:
+    """One line per loss series against the optimizer step, phase boundaries marked and phases named."""
+    fig = Figure(figsize=SIZE)
+    ax = fig.add_subplot()
+    for label, (steps, values) in series.items():
+        ax.plot(steps, values, label=label, linewidth=1.6 if label == "train/loss" else 1.1,
+                marker="." if len(steps) <= 60 else None)
+    spans = phase_spans(phases)
+    for i, (name, first, last) in enumerate(spans):
+        if i:
+            ax.axvline(first - 0.5, color="0.35", linestyle=":", linewidth=1.2)
+        ax.text((first + last) / 2, 1.01, f"{name} ({last - first + 1} steps)", transform=ax.get_xaxis_transform(),
+                ha="center", va="bottom", fontsize=9, color="0.25")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (per target token)")
+    ax.set_title(title, pad=22)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper right")
+    return fig
+
+
+def write_loss_curves(path: Path, losses: Sequence[float], phases: Sequence[tuple[str, int]], title: str,
+                      logged: dict[str, Series] | None = None) -> Path | None:
+    """The loss-curve PNG of a training run: `losses` per step (from step 1) plus any `logged` series."""
+    if not losses:
+        return None
+    return save_png(loss_curves_figure(loss_series(losses, logged or {}), phases, title), path)
+
+
+def loss_series(losses: Sequence[float], logged: dict[str, Series]) -> dict[str, Series]:
+    """`train/loss` at steps 1..n, then the logged series that are not zero throughout."""
+    used = {key: (steps, values) for key, (steps, values) in logged.items() if any(values)}
+    return {"train/loss": (list(range(1, len(losses) + 1)), list(losses)), **used}
+
+
+def logged_history(run: Tracker, keys: Sequence[str] = LOGGED_LOSSES) -> dict[str, Series]:
+    """The (step, value) history of `keys` in the run's MLflow store; empty when tracking is off or the store
+    cannot be read (the curve of `train/loss` does not need it)."""
+    if not run.active or run.run_id is None:
+        return {}
+    client = mlflow.MlflowClient(run.uri)  # read-only; Tracker has no reading method (yet)
+    out = {}
+    try:
+        for key in keys:
+            history = sorted(client.get_metric_history(run.run_id, key), key=lambda m: (m.step, m.timestamp))
+            if history:
+                out[key] = ([m.step for m in history], [m.value for m in history])
+    except Exception as exc:  # noqa: BLE001 - e.g. a tracking server outage: plot what TrainState has
+        log.warning("loss curves without %s: cannot read them from %s (%s)", ", ".join(keys), run.uri, exc)
+        return {}
+    return out
+
+
+def log_loss_curves(run: Tracker, losses: Sequence[float], phases: Sequence[tuple[str, int]], path: Path,
+                    title: str) -> Path | None:
+    """Write the loss-curve PNG to `path` and log it to the run (artifact `loss_curves.png`); never raises."""
+    try:
+        png = write_loss_curves(path, losses, phases, title, logged_history(run))
+        if png is not None:
+            run.log_artifact(png)
+        return png
+    except Exception as exc:  # noqa: BLE001 - a picture must not fail (or mask the failure of) a training run
+        log.warning("could not write or log the loss curves %s: %s", path, exc)
+        return None
+
+
+# ------------------------------------------------------------------------------------- quality vs latency
+
+
+def model_label(name: str, metrics: dict[str, float]) -> str:
+    """'student:jt — 1.23M params, 45.6 ex/s' (what is known of the model's size and throughput)."""
+    parts = []
+    if "params" in metrics:
+        params = metrics["params"]
+        parts.append(f"{params / 1e6:.2f}M params" if params >= 1e5 else f"{int(params)} params")
+    if "throughput_ex_per_s" in metrics:
+        parts.append(f"{metrics['throughput_ex_per_s']:.1f} ex/s")
+    return f"{name} — {', '.join(parts)}" if parts else name
+
+
+def quality_latency_figure(results: dict[str, dict[str, float]], title: str) -> Figure:
+    """ROUGE-L against latency, a labeled point per timed model, the untimed baselines as horizontal lines."""
+    fig = Figure(figsize=SIZE)
+    ax = fig.add_subplot()
+    timed = {n: m for n, m in results.items() if "latency_ms_mean" in m and "rougeL" in m}
+    for i, (name, m) in enumerate(timed.items()):
+        marker = "*" if name == "teacher" else "o"
+        ax.errorbar(m["latency_ms_mean"], m["rougeL"], xerr=m.get("latency_ms_std"), fmt=marker, capsize=4,
+                    markersize=13 if marker == "*" else 9, label=model_label(name, m))
+        ax.annotate(name, (m["latency_ms_mean"], m["rougeL"]), xytext=(8, 8 + 12 * (i % 3)),
+                    textcoords="offset points", fontsize=9)
+    for name, m in results.items():
+        if name not in timed and "rougeL" in m:
+            ax.axhline(m["rougeL"], color="0.5", linestyle="--", linewidth=1, label=f"{name}: {m['rougeL']:.2f}")
+    ax.set_xlabel("latency of one generate() call, batch 1 (ms, mean ± std)")
+    ax.set_ylabel("ROUGE-L (F1 × 100)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.margins(x=0.25, y=0.2)
+    low, high = ax.get_ylim()
+    ax.set_ylim(max(low, -0.04 * high), high)  # ROUGE is never negative: no empty band below 0
+    ax.legend(loc="best", fontsize=8, title="model — size, greedy throughput", title_fontsize=8)
+    return fig
+
+
+def write_quality_latency(path: Path, results: dict[str, dict[str, float]], title: str) -> Path | None:
+    """The quality-vs-latency PNG of one evaluation split; None when no model was timed."""
+    if not any("latency_ms_mean" in m and "rougeL" in m for m in results.values()):
+        return None
+    return save_png(quality_latency_figure(results, title), path)
