@@ -213,7 +213,10 @@ class Trainer:
             with phase.teacher.signal(batch) as signal:
                 out = self.engine(batch, phase.loss, normalizer, signal)
             self._stop_if_not_finite(out.loss, micro)
-            self.engine.backward(out.loss, scale_wrt_gas=False)
+            # `* 1.0`: a fresh root, so DeepSpeed registers this backward before the gradient reaches the hook it
+            # put on the forward's output; otherwise that hook divides by grad_accum a second time (DeepSpeed
+            # 0.19, hook order), although the loss is already normalized by the step's global token count.
+            self.engine.backward(out.loss * 1.0, scale_wrt_gas=False)
             if micro == len(batches) - 1:  # the accumulation boundary: the next step() updates the weights
                 own_norm = self._grad_norm_before_step()
                 if own_norm is not None:

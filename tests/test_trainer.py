@@ -57,18 +57,20 @@ def _logits(model, batch: dict) -> torch.Tensor:
     return model(**inputs).logits.float()
 
 
-def _naive_loss(student, teacher, batches: list[dict], normalizer: float) -> float:
-    """Full-vocabulary logits, forward KL at temperature T (times T^2) + 0.5 CE, summed over valid tokens."""
+def _naive_loss(student, teacher, batches: list[dict], normalizer: float) -> torch.Tensor:
+    """Full-vocabulary logits, forward KL at temperature T (times T^2) + 0.5 CE, summed over valid tokens,
+    divided by the normalizer; with autograd through the student."""
     total = 0.0
-    with torch.no_grad():
-        for batch in batches:
-            mask, targets = batch["target_mask"], batch["targets"]
-            s, t = _logits(student, batch)[mask], _logits(teacher, batch)[mask]
-            T = LOSS.temperature
-            p_t = torch.softmax(t / T, -1)
-            kl = (p_t * (torch.log_softmax(t / T, -1) - torch.log_softmax(s / T, -1))).sum()
-            ce = torch.nn.functional.cross_entropy(s, targets[mask], reduction="sum")
-            total += float(T * T * kl + LOSS.ce_weight * ce)
+    for batch in batches:
+        mask, targets = batch["target_mask"], batch["targets"]
+        s = _logits(student, batch)[mask]
+        with torch.no_grad():
+            t = _logits(teacher, batch)[mask]
+        T = LOSS.temperature
+        p_t = torch.softmax(t / T, -1)
+        kl = (p_t * (torch.log_softmax(t / T, -1) - torch.log_softmax(s / T, -1))).sum()
+        ce = torch.nn.functional.cross_entropy(s, targets[mask], reduction="sum")
+        total = total + T * T * kl + LOSS.ce_weight * ce
     return total / normalizer
 
 
@@ -90,8 +92,13 @@ def test_one_step_equals_the_naive_reference_with_the_global_token_normalizer(fa
 
     assert float(stats.tokens) == tokens  # the normalizer: valid target tokens over all micro-batches (1 rank)
     assert torch.isfinite(stats.loss)
-    assert float(stats.loss) == pytest.approx(_naive_loss(reference, teacher, batches, tokens), rel=2e-5)
+    naive = _naive_loss(reference, teacher, batches, tokens)
+    assert float(stats.loss) == pytest.approx(float(naive), rel=2e-5)
     assert float(stats.kd) + LOSS.ce_weight * float(stats.ce) == pytest.approx(float(stats.loss), rel=1e-5)
+    naive.backward()  # the step's gradient: no extra 1/grad_accum anywhere (DeepSpeed's output hook)
+    reference_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in reference.parameters()
+                                                                 if p.grad is not None])))
+    assert stats.grad_norm == pytest.approx(reference_norm, rel=1e-4)
     assert stats.student_batches == 0
     changed = [not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters())]
     assert any(changed), "the optimizer step did not update the student"
@@ -122,4 +129,4 @@ def test_a_joint_teaching_micro_batch_trains_on_student_samples(family, tiny_tok
 
     assert stats.student_batches == 1
     assert float(stats.tokens) == tokens
-    assert float(stats.loss) == pytest.approx(_naive_loss(reference, teacher, batches, tokens), rel=2e-5)
+    assert float(stats.loss) == pytest.approx(float(_naive_loss(reference, teacher, batches, tokens)), rel=2e-5)
