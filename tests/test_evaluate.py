@@ -6,16 +6,8 @@ import pytest
 import sacrebleu
 from rouge_score import rouge_scorer
 
-from dskd.evaluate import (
-    EfficiencyConfig,
-    comparison_table,
-    constant_baseline,
-    efficiency,
-    evaluate_generations,
-    most_common_target,
-    samples_table,
-    task_metrics,
-)
+from dskd.evaluate import EfficiencyConfig, comparison_table, constant_baseline, efficiency, evaluate_generations
+from dskd.evaluate import most_common_target, samples_table, task_metrics
 from dskd.generation import DecodingConfig, decode_texts, generate_ids
 from tests.workers.gen_tiny import PROMPTS, tiny_encoder, tiny_model
 
