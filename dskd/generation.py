@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
 from dskd import sampling
+from dskd.collectives import all_reduce
 from dskd.preemption import Preempted
 from dskd.data.collate import Encoder, collate_prompts
 
@@ -192,11 +193,7 @@ def _agreed_batch_count(local: int, synced_gpus: bool) -> int:
     """Under synced_gpus every rank must run as many generate() calls as the busiest one."""
     if not (synced_gpus and _distributed()):
         return local
-    count = torch.tensor([local], dtype=torch.long)
-    if torch.distributed.get_backend() == "nccl":
-        count = count.cuda()
-    torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
-    return int(count.item())
+    return int(all_reduce(torch.tensor([local]), torch.distributed.ReduceOp.MAX))
 
 
 def _run_batches(model, encoder: Encoder, config: GenerationConfig, jobs: Sequence[tuple[list[list[int]], int | None]],

@@ -25,6 +25,8 @@ from typing import Iterator
 import torch
 from transformers.modeling_outputs import BaseModelOutput
 
+from dskd.collectives import all_reduce
+
 SAMPLER_VERSION = "dskd-sampler-2"  # PT stores record it; "hf-generate" stores (no version) are not mixed in
 FIRST_CANDIDATES = 64
 MAX_CANDIDATES = 512  # beyond this a partial top-k costs about what a full sort does: sort instead
@@ -166,11 +168,7 @@ class _Seq2SeqDecoder(_Decoder):
 
 def _any_rank(flag: bool) -> bool:
     """Whether `flag` holds on any rank (multi-rank ZeRO-3: every rank runs a forward while any rank needs one)."""
-    value = torch.tensor([1 if flag else 0], dtype=torch.long)
-    if torch.distributed.get_backend() == "nccl":
-        value = value.cuda()
-    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
-    return bool(value.item())
+    return bool(all_reduce(torch.tensor([int(flag)]), torch.distributed.ReduceOp.MAX))
 
 
 @torch.no_grad()

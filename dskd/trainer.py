@@ -50,6 +50,7 @@ from tqdm.auto import tqdm
 
 from dskd import checkpoint, preemption
 from dskd.atomic import atomic_write_text
+from dskd.collectives import all_reduce
 from dskd.config import TrainConfig
 from dskd.data.collate import Encoder, collate_training
 from dskd.engines import DistInfo
@@ -150,18 +151,6 @@ class TrainContext:
     checkpoints: Path
     label: str = "distill"  # the stage, in messages and progress bars
     dev_metrics: Callable[[], dict[str, float]] | None = None  # dev ROUGE/BLEU on the current model
-
-
-def all_reduce(t: torch.Tensor, op=torch_dist.ReduceOp.SUM) -> torch.Tensor:
-    """In place across ranks (a CPU tensor in and out; NCCL reduces on the GPU)."""
-    if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
-        if torch_dist.get_backend() == "nccl":
-            on_gpu = t.cuda()
-            torch_dist.all_reduce(on_gpu, op=op)
-            t.copy_(on_gpu.cpu())
-        else:
-            torch_dist.all_reduce(t, op=op)
-    return t
 
 
 class Trainer:
