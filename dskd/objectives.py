@@ -91,9 +91,11 @@ class TrainingPool:
 
 
 def loss_config(cfg: DistillConfig, ce_only: bool) -> KDLossConfig:
-    """The fused loss settings for a phase; CE phases (teacher fine-tuning, final CE, loss=ce) need no teacher."""
+    """The fused loss settings for a phase; CE phases (teacher fine-tuning, final CE, loss=ce) need no teacher.
+    With attention-relation KD mixed in (weight w), the logits term keeps 1 - w (`teachers.RelationSignal`)."""
     if ce_only or cfg.loss == "ce":
         return KDLossConfig(kd_weight=0.0, ce_weight=1.0, chunk_size=cfg.chunk_size, implementation=cfg.loss_impl)
     return KDLossConfig(divergence=cfg.divergence, temperature=cfg.temperature, t2_scaling=cfg.t2_scaling,
-                        beta=cfg.beta, alpha=cfg.alpha, kd_weight=1.0, ce_weight=cfg.ce_weight,
+                        beta=cfg.beta, alpha=cfg.alpha, kd_weight=1.0 - cfg.attention_relation_weight,
+                        ce_weight=cfg.ce_weight,
                         chunk_size=cfg.chunk_size, implementation=cfg.loss_impl)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from dskd.losses import KDLossConfig, KDLossOutput
+from dskd.losses.relations import default_relation_heads
 from dskd.losses.zero import register_head_for_loss
 from dskd.models import HiddenStateLM
 
@@ -29,6 +30,8 @@ class StudentHead:
     weight: torch.Tensor
     bias: torch.Tensor | None
     vocab_size: int
+    captured: dict | None = None  # what the signal captured during the student's forward (e.g. Q/K/V)
+    relation_heads: int | None = None  # the student's attention heads
 
 
 class StudentWithLoss(torch.nn.Module):
@@ -45,6 +48,8 @@ class StudentWithLoss(torch.nn.Module):
         return self.lm.model
 
     def forward(self, batch: dict, config: KDLossConfig, normalizer: torch.Tensor, signal: "Signal") -> KDLossOutput:
-        hidden = self.lm(batch)
+        with signal.capturing(self.hf_model) as captured:
+            hidden = self.lm(batch)
         weight, bias = self.lm.head()
-        return signal.loss(StudentHead(hidden, weight, bias, self.vocab_size), batch, config, normalizer)
+        head = StudentHead(hidden, weight, bias, self.vocab_size, captured, default_relation_heads(self.hf_model))
+        return signal.loss(head, batch, config, normalizer)

@@ -11,6 +11,8 @@ same object. Implementations:
                     when teacher.shard) or a bitsandbytes-quantized module (which cannot be partitioned). Its
                     signal is its final hidden states plus its LM head (gathered under ZeRO-3); the fused loss
                     makes the logits chunk by chunk.
+  RelationTeacher   a LocalTeacher whose signal also carries the Q/K/V of its last self-attentions: the loss
+                    mixes the fused logits KD with attention-relation KD (`dskd.losses.relations`).
   StoredTopKTeacher a black-box teacher (generate.endpoint): its top-k log-probs were stored with the PTs and
                     are read per batch (`dskd.blackbox.targets`); the sparse KD loss adds the tail mass.
 
@@ -20,7 +22,7 @@ A new mode (a cached top-k teacher, a cross-tokenizer teacher) is one new subcla
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -28,12 +30,13 @@ import datasets
 import torch
 
 from dskd.blackbox.targets import SparseTrainingPool
-from dskd.config import Recipe, TeacherConfig
+from dskd.config import ConfigError, Recipe, TeacherConfig
 from dskd.data.collate import Encoder
 from dskd.data.task import TaskData
 from dskd.engines import DistInfo, create_teacher_engine
 from dskd.layout import teacher_model_path
 from dskd.losses import KDLossConfig, KDLossOutput, kd_loss
+from dskd.losses.relations import captured_projections, default_relation_heads, relation_kd, relation_sites, stack_masks
 from dskd.losses.sparse import sparse_kd_loss
 from dskd.losses.zero import gathered
 from dskd.models import HiddenStateLM, load_tokenizer
@@ -43,6 +46,10 @@ from dskd.student import StudentHead
 
 class Signal:
     """The teacher's signal on one micro-batch; `loss` scores the student against it (fused, chunked)."""
+
+    def capturing(self, model):
+        """A context the student's forward runs in; what it yields becomes `StudentHead.captured`."""
+        return nullcontext()
 
     def loss(self, student: StudentHead, batch: dict, config: KDLossConfig, normalizer: torch.Tensor) -> KDLossOutput:
         """No teacher: the CE part of the fused loss (config.kd_weight is 0)."""
@@ -63,6 +70,36 @@ class DenseSignal(Signal):
         return kd_loss(student.hidden, student.weight, self.hidden, self.weight, batch["targets"],
                        batch["target_mask"], config=config, normalizer=normalizer, student_bias=student.bias,
                        teacher_bias=self.bias, vocab_size=student.vocab_size)
+
+
+@dataclass
+class RelationSignal(DenseSignal):
+    """Dense logits KD (weighted 1 - w by `loss_config`) + w x attention-relation KD on the same micro-batch.
+
+    The relation term is a per-row mean within the micro-batch; it enters the step's loss weighted by the
+    micro-batch's share of the step's target tokens (its valid tokens / the global normalizer), so that over a
+    step's micro-batches (and ranks) the shares add up to one, as the logits term's tokens do.
+    """
+
+    relations: dict[str, list[torch.Tensor]]
+    sites: list
+    weight_relations: float
+    heads: int | None
+
+    def capturing(self, model):
+        return captured_projections(relation_sites(model))
+
+    def loss(self, student: StudentHead, batch: dict, config: KDLossConfig, normalizer: torch.Tensor) -> KDLossOutput:
+        out = super().loss(student, batch, config, normalizer)
+        seq2seq = "decoder_input_ids" in batch
+        heads = self.heads or student.relation_heads
+        if heads is None:
+            raise ConfigError("attention-relation KD: the student's config names no attention-head count; set "
+                              "distill.relation_heads")
+        relations = relation_kd(self.relations, student.captured, stack_masks(batch, seq2seq),
+                                {site.stack: site.causal for site in self.sites}, heads)
+        share = batch["target_mask"].sum() / normalizer
+        return out._replace(loss=out.loss + self.weight_relations * share * relations)
 
 
 @dataclass
@@ -137,9 +174,33 @@ class LocalTeacher(Teacher):
     def signal(self, batch: dict[str, torch.Tensor]) -> Iterator[Signal]:
         with torch.no_grad():
             hidden = self.runner(batch)
+        with self.head() as (weight, bias):
+            yield DenseSignal(hidden, weight, bias)
+
+    @contextmanager
+    def head(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        """The LM head's weight and bias, gathered under ZeRO-3 for the body."""
         weight, bias = self.module.head()
         with gathered(*[t for t in (weight, bias) if t is not None]):
-            yield DenseSignal(hidden, weight, bias)
+            yield weight, bias
+
+
+class RelationTeacher(LocalTeacher):
+    """A local teacher for logits KD mixed with attention-relation KD (distill.attention_relation_weight)."""
+
+    name = "local_relations"
+
+    def __init__(self, weight: float, heads: int | None) -> None:
+        super().__init__()
+        self.weight, self.heads = weight, heads
+
+    @contextmanager
+    def signal(self, batch: dict[str, torch.Tensor]) -> Iterator[Signal]:
+        sites = relation_sites(self.module.model)
+        with torch.no_grad(), captured_projections(sites) as relations:
+            hidden = self.runner(batch)
+        with self.head() as (weight, bias):
+            yield RelationSignal(hidden, weight, bias, relations, sites, self.weight, self.heads)
 
 
 class StoredTopKTeacher(Teacher):
@@ -169,5 +230,9 @@ class StoredTopKTeacher(Teacher):
 
 
 def teacher_for(recipe: Recipe) -> Teacher:
-    """Where this recipe's teacher signal comes from: an endpoint's stored top-k, or a model in this process."""
-    return StoredTopKTeacher() if recipe.generate.endpoint is not None else LocalTeacher()
+    """Where this recipe's teacher signal comes from: an endpoint's stored top-k, or a model in this process
+    (with its attention relations when the recipe mixes them in)."""
+    if recipe.generate.endpoint is not None:
+        return StoredTopKTeacher()
+    d = recipe.distill
+    return RelationTeacher(d.attention_relation_weight, d.relation_heads) if d.attention_relation_weight else LocalTeacher()

@@ -19,7 +19,7 @@ from dskd.joint_teaching import JointTeaching
 from dskd.losses import KDLossConfig
 from dskd.objectives import TrainingPool
 from dskd.student import StudentWithLoss
-from dskd.teachers import LocalTeacher
+from dskd.teachers import LocalTeacher, RelationTeacher
 from dskd.tracking import Tracker
 from dskd.trainer import Phase, TrainContext, Trainer
 from tests.conftest import tiny_config_kwargs, tiny_pairs
@@ -35,7 +35,8 @@ def _model(family: str, layers: int, seed: int):
     return auto.from_config(config, attn_implementation="eager")
 
 
-def _trainer(family: str, tokenizer, tmp_path, joint_teaching: JointTeaching | None = None):
+def _trainer(family: str, tokenizer, tmp_path, joint_teaching: JointTeaching | None = None,
+             local: LocalTeacher | None = None, loss: KDLossConfig = LOSS):
     dist = init_distributed("cpu")
     student, teacher = _model(family, 1, seed=1), _model(family, 2, seed=2)
     arch = "causal" if family == "llama" else "seq2seq"
@@ -45,9 +46,9 @@ def _trainer(family: str, tokenizer, tmp_path, joint_teaching: JointTeaching | N
     reference_student = copy.deepcopy(student).eval()
     engine = create_student_engine(StudentWithLoss(student, 300), train, 4, dist, "fp32")
     engine.train()
-    local = LocalTeacher()
+    local = local or LocalTeacher()
     local.place(teacher, TeacherConfig(init="config", model_type=family), MBS, dist)
-    phase = Phase("kd", LOSS, local, pool, steps=1, seed=3, joint_teaching=joint_teaching)
+    phase = Phase("kd", loss, local, pool, steps=1, seed=3, joint_teaching=joint_teaching)
     ctx = TrainContext(encoder, dist, train, Tracker(TrackingConfig(enabled=False), tmp_path), tmp_path / "ckpt")
     return Trainer(engine, [phase], ctx), phase, reference_student, teacher, encoder
 
@@ -57,7 +58,7 @@ def _logits(model, batch: dict) -> torch.Tensor:
     return model(**inputs).logits.float()
 
 
-def _naive_loss(student, teacher, batches: list[dict], normalizer: float) -> torch.Tensor:
+def _naive_loss(student, teacher, batches: list[dict], normalizer: float, loss: KDLossConfig = LOSS) -> torch.Tensor:
     """Full-vocabulary logits, forward KL at temperature T (times T^2) + 0.5 CE, summed over valid tokens,
     divided by the normalizer; with autograd through the student."""
     total = 0.0
@@ -66,11 +67,11 @@ def _naive_loss(student, teacher, batches: list[dict], normalizer: float) -> tor
         s = _logits(student, batch)[mask]
         with torch.no_grad():
             t = _logits(teacher, batch)[mask]
-        T = LOSS.temperature
+        T = loss.temperature
         p_t = torch.softmax(t / T, -1)
         kl = (p_t * (torch.log_softmax(t / T, -1) - torch.log_softmax(s / T, -1))).sum()
         ce = torch.nn.functional.cross_entropy(s, targets[mask], reduction="sum")
-        total = total + T * T * kl + LOSS.ce_weight * ce
+        total = total + loss.kd_weight * T * T * kl + loss.ce_weight * ce
     return total / normalizer
 
 
@@ -130,3 +131,82 @@ def test_a_joint_teaching_micro_batch_trains_on_student_samples(family, tiny_tok
     assert stats.student_batches == 1
     assert float(stats.tokens) == tokens
     assert float(stats.loss) == pytest.approx(float(_naive_loss(reference, teacher, batches, tokens)), rel=2e-5)
+
+
+# ------------------------------------------------------------------------------ attention-relation KD
+
+def _last_self_attention_qkv(model) -> dict[str, tuple]:
+    """The Q, K, V projections of the last self-attention per stack, by their paths in the model classes."""
+    if model.config.is_encoder_decoder:  # T5
+        attn = {"encoder": model.encoder.block[-1].layer[0].SelfAttention,
+                "decoder": model.decoder.block[-1].layer[0].SelfAttention}
+        return {stack: (a.q, a.k, a.v) for stack, a in attn.items()}
+    a = model.model.layers[-1].self_attn  # Llama
+    return {"decoder": (a.q_proj, a.k_proj, a.v_proj)}
+
+
+def _run_capturing(model, batch: dict) -> dict[str, list[torch.Tensor]]:
+    outputs: dict[str, list] = {}
+    handles = [module.register_forward_hook(lambda m, i, o, stack=stack: outputs.setdefault(stack, []).append(o))
+               for stack, modules in _last_self_attention_qkv(model).items() for module in modules]
+    _logits(model, batch)
+    for handle in handles:
+        handle.remove()
+    return outputs
+
+
+def _naive_relation_loss(teacher_qkv, student_qkv, masks: dict, heads: int) -> torch.Tensor:
+    """Per example, stack, Q/K/V, relation head and valid query row: softmax over the allowed keys (valid,
+    and not in the future in a decoder) of x_i . x_j / sqrt(d), KL(teacher || student); mean over heads, rows
+    of the micro-batch, then over stacks and Q/K/V."""
+    terms = []
+    for stack, mask in masks.items():
+        for t_x, s_x in zip(teacher_qkv[stack], student_qkv[stack]):
+            total, rows = 0.0, 0
+            for b in range(mask.shape[0]):
+                valid = [j for j in range(mask.shape[1]) if mask[b, j]]
+                for i in valid:
+                    keys = [j for j in valid if stack == "encoder" or j <= i]
+                    row = 0.0
+                    for h in range(heads):
+                        def rel(x):
+                            d = x.shape[-1] // heads
+                            xh = x[b, :, h * d:(h + 1) * d].float()
+                            return torch.log_softmax(torch.stack([xh[i] @ xh[j] for j in keys]) / d ** 0.5, 0)
+                        t_log, s_log = rel(t_x), rel(s_x)
+                        row = row + (t_log.exp() * (t_log - s_log)).sum()
+                    total, rows = total + row / heads, rows + 1
+            terms.append(total / rows)
+    return torch.stack(terms).mean()
+
+
+@pytest.mark.parametrize("family", ["t5", "llama"])
+def test_attention_relation_kd_step_equals_naive_logits_and_relation_references(family, tiny_tokenizer, tmp_path):
+    """0.5 x logits KD (fused, chunked) + 0.5 x attention-relation KD, one step of two micro-batches: the loss
+    and the gradient norm equal full-logits KD + a loop-by-loop relation reference, each micro-batch's relation
+    term weighted by its share of the step's target tokens."""
+    loss = KDLossConfig(divergence="forward_kl", temperature=1.0, kd_weight=0.5, ce_weight=0.0, chunk_size=7)
+    heads = 2
+    trainer, phase, reference, teacher, encoder = _trainer(family, tiny_tokenizer, tmp_path,
+                                                           local=RelationTeacher(0.5, heads), loss=loss)
+    stream = phase.pool.stream(phase.seed, 0, 1, MBS)
+    micro_batches = [next(stream) for _ in range(GAS)]
+    batches = [_collate(encoder, reference, pairs) for _, pairs in micro_batches]
+    tokens = sum(int(b["target_mask"].sum()) for b in batches)
+
+    stats = trainer.train_step(phase, micro_batches)
+
+    expected = _naive_loss(reference, teacher, batches, tokens, loss)
+    for batch in batches:
+        masks = ({"encoder": batch["attention_mask"], "decoder": batch["target_mask"]}
+                 if family == "t5" else {"decoder": batch["attention_mask"]})
+        with torch.no_grad():
+            t_qkv = _run_capturing(teacher, batch)
+        relation = _naive_relation_loss(t_qkv, _run_capturing(reference, batch), masks, heads)
+        assert float(relation.detach()) > 0
+        expected = expected + 0.5 * relation * int(batch["target_mask"].sum()) / tokens
+    assert float(stats.loss) == pytest.approx(float(expected), rel=1e-4)
+    expected.backward()
+    reference_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in reference.parameters()
+                                                                 if p.grad is not None])))
+    assert stats.grad_norm == pytest.approx(reference_norm, rel=1e-4)
