@@ -10,9 +10,10 @@ fine-tuning steps, 14 minutes on our busy 2-core machine) into --workdir; later 
 Setup, shared by both sides (built once, cached under --workdir):
 - data: the embedded docstring task (`dskd.data.docstrings`: stdlib function source -> first docstring sentence),
   the first TRAIN labeled examples and the first DEV dev examples, written as JSONL; a byte-level BPE tokenizer
-  (vocab 4096) trained locally on the task's texts (`dskd.data.tokenizer`);
-- models: Llama-family from configs, teacher ~8.5M parameters (8 layers, hidden 256), student ~1.9M (4 layers,
-  hidden 128), untied heads, fp32 on both sides; the teacher is fine-tuned once with plain torch (CE on the gold
+  (--vocab, default 32000 as Llama-2's; 4096 was the toy size of earlier runs) trained locally on the task's texts
+  (`dskd.data.tokenizer`);
+- models: Llama-family from configs, teacher 8 layers, hidden 384 (38.7M parameters at vocab 32000, 4.3x the student;
+  17.3M at vocab 4096), student 4 layers, hidden 128 (9.0M; 1.9M at vocab 4096), untied heads, fp32 on both sides; the teacher is fine-tuned once with plain torch (CE on the gold
   targets, --teacher-steps) and saved with save_pretrained; the student's initial weights are saved once, and both
   sides start from them;
 - tokens: every (input, target) pair goes through dskd's `Encoder` ([BOS] input + "\\n=> " + target + EOS, input
@@ -78,14 +79,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 SEED = 42
-VOCAB = 4096
+VOCAB = 32000  # Llama-2's vocabulary size (--vocab); real teachers have 32k-150k tokens
 SEPARATOR = "\n=> "
 MAX_INPUT, MAX_TARGET = 64, 24
 MBS, GAS = 4, 2
 LR = 5e-4
 TRAIN, DEV = 2048, 96
-TEACHER = {"hidden_size": 256, "intermediate_size": 704, "num_hidden_layers": 8, "num_attention_heads": 4,
-           "num_key_value_heads": 4}
+TEACHER = {"hidden_size": 384, "intermediate_size": 1024, "num_hidden_layers": 8, "num_attention_heads": 6,
+           "num_key_value_heads": 6}
 STUDENT = {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4, "num_attention_heads": 4,
            "num_key_value_heads": 4}
 TEACHER_LR, TEACHER_BATCH = 3e-3, 16
@@ -129,14 +130,14 @@ def encoded_pairs(encoder, rows: list[dict]) -> list[tuple[list[int], list[int]]
     return list(zip(prompts, targets))
 
 
-def prepare(workdir: Path, teacher_steps: int) -> dict[str, Path]:
+def prepare(workdir: Path, teacher_steps: int, vocab: int) -> dict[str, Path]:
     """Data files, tokenizer, fine-tuned teacher and the student's initial weights (cached)."""
     from transformers import AutoTokenizer
 
-    paths, key = prepare_data(workdir)
+    paths, key = prepare_data(workdir, vocab)
     tokenizer = AutoTokenizer.from_pretrained(paths["tokenizer"])
     spec = json.dumps([TEACHER, STUDENT, MAX_INPUT, MAX_TARGET, SEPARATOR, teacher_steps, TEACHER_LR, TEACHER_BATCH,
-                       key, TRAIN, SEED])
+                       key, TRAIN, SEED] + ([len(tokenizer)] if vocab != 4096 else []))
     model_key = hashlib.sha256(spec.encode()).hexdigest()[:12]
     paths["teacher"] = workdir / f"teacher-{model_key}"
     paths["student_init"] = workdir / f"student-init-{model_key}"
@@ -149,20 +150,20 @@ def prepare(workdir: Path, teacher_steps: int) -> dict[str, Path]:
     return paths
 
 
-def prepare_data(workdir: Path) -> tuple[dict[str, Path], str]:
+def prepare_data(workdir: Path, vocab: int) -> tuple[dict[str, Path], str]:
     """The docstring task, its tokenizer and the train/dev JSONL files (cached); the task's fingerprint prefix."""
     from dskd.data.docstrings import build_docstring_task
     from dskd.data.tokenizer import train_bpe_tokenizer
 
     build = build_docstring_task(workdir / "task")
     key = build.fingerprint[:12]
-    tok_dir = workdir / f"tokenizer-{key}-v{VOCAB}"
+    tok_dir = workdir / f"tokenizer-{key}-v{vocab}"
     if not (tok_dir / "tokenizer.json").is_file():
         texts = []
         for name in ("labeled", "unlabeled"):
             for row in read_jsonl(Path(build.files[name])):
                 texts += [row["input"]] + ([row["target"]] if row.get("target") else [])
-        train_bpe_tokenizer(texts, VOCAB, tok_dir)
+        train_bpe_tokenizer(texts, vocab, tok_dir)
     data_dir = workdir / f"data-{key}-{TRAIN}-{DEV}"
     data_dir.mkdir(parents=True, exist_ok=True)
     paths = {"train": data_dir / "train.jsonl", "dev": data_dir / "dev.jsonl", "tokenizer": tok_dir}
@@ -461,6 +462,8 @@ def main() -> None:
     parser.add_argument("--warmup-steps", type=int, default=2, help="first steps left out of tokens/s")
     parser.add_argument("--teacher-steps", type=int, default=60, help="teacher fine-tuning steps (cached)")
     parser.add_argument("--modes", default="offline,onpolicy")
+    parser.add_argument("--vocab", type=int, default=VOCAB, help="BPE vocabulary trained for the task (the models' "
+                        "vocabulary); 4096 is the toy size of earlier runs")
     parser.add_argument("--quick", action="store_true", help="20 steps, 1 round")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of both sides (OMP_NUM_THREADS; "
                         "0: torch's default, one per core)")
@@ -493,10 +496,11 @@ def main() -> None:
           f"({args.threads or 'default'} thread(s) per run), transformers {transformers.__version__}, "
           f"trl {trl.__version__}", flush=True)
     started = time.perf_counter()
-    paths = prepare(workdir, args.teacher_steps)
+    paths = prepare(workdir, args.teacher_steps, args.vocab)
     print(f"setup {time.perf_counter() - started:.0f}s: teacher {paths['teacher']}, student init "
           f"{paths['student_init']}", flush=True)
-    print(f"fp32 both sides; teacher {_params(paths['teacher'])}, student {_params(paths['student_init'])}; "
+    print(f"fp32 both sides; vocabulary {_vocab(paths['tokenizer'])}; teacher {_params(paths['teacher'])}, "
+          f"student {_params(paths['student_init'])}; "
           f"micro-batch {MBS} x accumulation {GAS}, input <= {MAX_INPUT} tokens, target <= {MAX_TARGET}, "
           f"{args.steps} steps, lr {LR}, {args.rounds} round(s)", flush=True)
     scorer = DevScorer(paths)
@@ -539,6 +543,12 @@ def main() -> None:
                     f"rss_vs_trl_{mode}": round(ratios["rss"], 3),
                     f"dev_loss_vs_trl_{mode}": round(ratios["dev_loss"], 4)})
     print(json.dumps(out))
+
+
+def _vocab(tokenizer_dir: Path) -> int:
+    from transformers import AutoTokenizer
+
+    return len(AutoTokenizer.from_pretrained(tokenizer_dir))
 
 
 def _params(model_dir: Path) -> str:

@@ -5,6 +5,7 @@
     dskd distill  --config RECIPE [--resume auto]       train the student
     dskd evaluate --config RECIPE [...]                 ROUGE/BLEU + efficiency, teacher vs students
     dskd demo [--quick]                                 all of the above on the embedded docstring task
+    dskd study [--config RECIPE] [--quick]              the paper's comparison: variants x seeds, one report
     dskd serve-teacher --model DIR [--port P ...]       a local model as an OpenAI-compatible endpoint
 
 Every user error is one line on stderr, `dskd: error: <what, where (file:line / recipe key), what to do>`, and
@@ -23,14 +24,17 @@ import os
 import sys
 import warnings
 from functools import partial
+from importlib import resources
+from pathlib import Path
 
 from dskd import preemption
 from dskd.config import ConfigError, Recipe, check_model_source, load_recipe, to_yaml
 from dskd.data.sources import check_data_files
 from dskd.layout import clear_done_markers, student_dir, teacher_model_path
 from dskd.serve.options import add_arguments as add_serve_arguments
+from dskd.study import describe, study_cells
 
-STAGES = ("teacher", "generate", "distill", "evaluate", "demo")
+STAGES = ("teacher", "generate", "distill", "evaluate", "demo", "study")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -43,10 +47,21 @@ def _parser() -> argparse.ArgumentParser:
              "generate": "generate teacher pseudo-targets for labeled and unlabeled inputs",
              "distill": "distill the student (objective from the recipe)",
              "evaluate": "task metrics and efficiency of teacher and students",
-             "demo": "the whole pipeline on the embedded docstring-generation task"}
+             "demo": "the whole pipeline on the embedded docstring-generation task",
+             "study": "compare distillation objectives: variants x seeds, one teacher, a report with statistics"}
     for stage in STAGES:
         p = sub.add_parser(stage, help=helps[stage], description=helps[stage])
-        if stage == "demo":
+        if stage == "study":
+            p.add_argument("--config", help="a recipe with a study section (default: the embedded study recipe)")
+            p.add_argument("--quick", action="store_true", help="the embedded toy study: 2 variants x 2 seeds")
+            p.add_argument("--print-recipe", action="store_true", help="print the resolved recipe and exit")
+            p.add_argument("--list-cells", action="store_true", help="print the grid, one cell per line, and exit")
+            p.add_argument("--step", choices=["all", "prepare", "cells", "report"], default="all",
+                           help="prepare: shared teacher + PTs; cells: train and evaluate; report: tables + "
+                                "pictures (default: all three)")
+            p.add_argument("--cell", type=int, action="append", metavar="I",
+                           help="only cell I (repeatable; e.g. $SLURM_ARRAY_TASK_ID); implies --step cells")
+        elif stage == "demo":
             p.add_argument("--quick", action="store_true", help="a tiny version that finishes in ~3 minutes")
             p.add_argument("--config", help="a recipe to use instead of the built-in demo recipe")
             p.add_argument("--print-recipe", action="store_true", help="print the demo recipe and exit")
@@ -55,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--config", required=True, help="YAML recipe (see configs/)")
         p.add_argument("--output-dir", help="overrides run.output_dir")
-        if stage in ("teacher", "distill", "demo"):
+        if stage in ("teacher", "distill", "demo", "study"):
             p.add_argument("--force", action="store_true", help="retrain even if a finished result matches")
         if stage in ("teacher", "distill"):
             p.add_argument("--resume", choices=["auto", "never"], default="never",
@@ -119,9 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "teacher_endpoint", None):
         overrides.append(f"generate.endpoint.url={args.teacher_endpoint}")
     try:
-        recipe = None if args.stage == "demo" and not args.config else load_recipe(args.config, overrides)
-        if recipe is not None and not getattr(args, "print_recipe", False):
-            _preflight(recipe, args.stage)
+        recipe = _recipe(args, overrides)
+        if args.stage == "study" and args.list_cells:
+            print(describe(study_cells(recipe)))
+            return 0
     except ConfigError as exc:
         return _user_error(exc)
 
@@ -156,6 +172,27 @@ def main(argv: list[str] | None = None) -> int:
             pass
 
 
+def _recipe(args, overrides: list[str]) -> Recipe | None:
+    """The stage's recipe, validated and preflighted (None: `dskd demo` builds its own). A study's cells are all
+    validated here, so an unknown key in any variant fails before anything loads, naming the variant."""
+    if args.stage == "study" and not args.config:
+        recipe = load_recipe(packaged_recipe_path("study_quick.yaml" if args.quick else "study.yaml"), overrides)
+    elif args.stage == "demo" and not args.config:
+        return None
+    else:
+        recipe = load_recipe(args.config, overrides)
+    if args.stage == "study":
+        study_cells(recipe)
+    if not getattr(args, "print_recipe", False):
+        _preflight(recipe, args.stage)
+    return recipe
+
+
+def packaged_recipe_path(name: str) -> Path:
+    """A recipe shipped in dskd/recipes/ (a regular file inside the installed package)."""
+    return Path(str(resources.files("dskd") / "recipes" / name))
+
+
 def _preflight(recipe: Recipe, stage: str) -> None:
     """Check, before the heavy imports, what the stage reads: the data files (present, first rows parse, the
     recipe's fields there) and the model and tokenizer paths (README: "Stages"). Reads a few rows and stats a
@@ -181,6 +218,8 @@ def _model_inputs(recipe: Recipe, stage: str) -> list[tuple[str, bool, bool]]:
     teacher, embedded, black_box = recipe.teacher, recipe.data.task is not None, recipe.generate.endpoint is not None
     own_teacher_tokenizer = not embedded and (not teacher.finetune or teacher.tokenizer is not None)
     student_tokenizer = recipe.student.tokenizer is not None or recipe.student.init == "pretrained"
+    if stage == "study":
+        return [("teacher", not teacher.finetune, not embedded), ("student", True, student_tokenizer)]
     if stage in ("teacher", "demo"):
         return [("teacher", True, not embedded)] + ([("student", True, student_tokenizer)] if stage == "demo" else [])
     if stage == "distill":
@@ -208,6 +247,18 @@ def _dispatch(args, recipe: Recipe | None, overrides: list[str], rank: int) -> i
         if args.force:
             clear_done_markers(recipe.run.output_dir)
         run(recipe)
+        return 0
+    if args.stage == "study":
+        from dskd.stages.study import run_study
+
+        if args.print_recipe:
+            print(to_yaml(recipe))
+            return 0
+        if args.force:
+            clear_done_markers(recipe.run.output_dir)
+            for marker in Path(recipe.run.output_dir).glob("cells/*/cell.json"):
+                marker.unlink()
+        run_study(recipe, "cells" if args.cell else args.step, args.cell)
         return 0
     if args.stage in ("teacher", "distill"):
         from dskd.stages.train import train_stage

@@ -69,6 +69,7 @@ class DataConfig(Strict):
     causal_separator: str = "\n=> "
     max_examples: SplitLimits = SplitLimits()
     tokenizer_vocab_size: int = 4096  # embedded task only: size of the locally trained BPE
+    cache_dir: Path | None = None  # embedded task only: where it is built (default <output_dir>/data)
 
 
 class PruneConfig(Strict):
@@ -188,7 +189,10 @@ class DistillConfig(TrainConfig):
     sources: list[Literal["gold", "teacher_pt"]] = ["gold", "teacher_pt"]
     student_pt_ratio: float = Field(0.0, ge=0, le=1)  # Joint-Teaching: share of micro-batches on student samples
     student_decoding: DecodingConfigModel = DecodingConfigModel(strategy="sampling", top_p=0.95, temperature=1.0)
+    pt_splits: list[Literal["labeled", "unlabeled"]] = ["labeled", "unlabeled"]  # whose PTs teacher_pt uses
     teacher_dropout: bool = False  # noisy KD
+    attention_relation_weight: float = Field(0.0, ge=0, lt=1)  # MiniLMv2 relation KD: its share of the KD loss
+    relation_heads: int | None = Field(None, ge=1)  # relation heads (None: the student's attention heads)
     final_ce_epochs: float = 0.0  # a closing phase of plain CE on gold
 
 
@@ -202,6 +206,49 @@ class EvaluateConfig(Strict):
     efficiency_repeats: int = 3
 
 
+# The paper's comparison of objectives (Calderon et al. 2023, the study's stages): variant -> recipe overrides.
+# Every cell starts from the base recipe with the objective keys of STUDY_RESET, then applies its variant's.
+PAPER_VARIANTS: dict[str, dict[str, Any]] = {
+    "finetune": {"distill.loss": "ce", "distill.sources": ["gold"]},
+    "logits_kd": {"distill.sources": ["gold"]},
+    "seq_kd": {"distill.loss": "ce", "distill.sources": ["teacher_pt"]},
+    "kd_pts_labeled": {"distill.pt_splits": ["labeled"]},
+    "kd_pts_all": {},
+    "noisy_kd": {"distill.sources": ["gold"], "distill.teacher_dropout": True, "teacher.config.dropout_rate": 0.1},
+    "attention_kd": {"distill.sources": ["gold"], "distill.attention_relation_weight": 0.5},
+    "joint_teaching": {"distill.student_pt_ratio": 0.5},
+}
+STUDY_RESET: dict[str, Any] = {
+    "distill.loss": "kd", "distill.sources": ["gold", "teacher_pt"], "distill.pt_splits": ["labeled", "unlabeled"],
+    "distill.student_pt_ratio": 0.0, "distill.teacher_dropout": False, "distill.attention_relation_weight": 0.0,
+    "distill.final_ce_epochs": 0.0,
+}
+
+
+class StudyConfig(Strict):
+    """`dskd study`: variants x seeds, every cell distilled for the same number of optimizer steps."""
+
+    seeds: list[int] = Field([1, 2, 3], min_length=1)
+    steps: int = Field(600, ge=1)  # optimizer steps of every cell
+    eval_every: int = Field(100, ge=0)  # steps between dev-curve points (0: only the final evaluation)
+    curve_examples: int = Field(100, ge=1)  # dev examples behind each curve point
+    variants: dict[str, dict[str, Any]] = Field(default_factory=lambda: copy.deepcopy(PAPER_VARIANTS), min_length=1)
+    reference: str = "joint_teaching"  # compared with every other variant by a paired test over dev examples
+    resamples: int = Field(10_000, ge=100)  # paired bootstrap / permutation resamples
+
+    @model_validator(mode="after")
+    def _names(self) -> "StudyConfig":
+        for name in self.variants:
+            if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+                raise ValueError(f"study.variants: variant name {name!r} may use letters, digits, '_', '-', '.'")
+        if self.reference not in self.variants:
+            raise ValueError(f"study.reference={self.reference!r} is not a variant; variants: "
+                             f"{', '.join(self.variants)}")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"study.seeds repeats a seed: {self.seeds}")
+        return self
+
+
 class Recipe(Strict):
     run: RunConfig = RunConfig()
     tracking: TrackingConfig = TrackingConfig()
@@ -211,6 +258,7 @@ class Recipe(Strict):
     generate: GenerateConfig = GenerateConfig()
     distill: DistillConfig = DistillConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    study: StudyConfig = StudyConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> "Recipe":
@@ -222,6 +270,10 @@ class Recipe(Strict):
         if self.distill.student_pt_ratio > 0 and self.distill.loss != "kd":
             raise ValueError("Joint-Teaching (distill.student_pt_ratio > 0) needs distill.loss=kd: the teacher must "
                              "score the student's samples")
+        if self.distill.attention_relation_weight > 0 and self.distill.loss != "kd":
+            raise ValueError("attention-relation KD (distill.attention_relation_weight > 0) needs distill.loss=kd")
+        if not self.distill.pt_splits:
+            raise ValueError("distill.pt_splits is empty: list labeled and/or unlabeled")
         if self.generate.endpoint is not None:
             self._check_black_box()
         return self
@@ -244,6 +296,8 @@ class Recipe(Strict):
             problems.append("Joint-Teaching (distill.student_pt_ratio > 0) needs a local teacher to score samples")
         if d.teacher_dropout:
             problems.append("noisy KD (distill.teacher_dropout) needs a local teacher")
+        if d.attention_relation_weight > 0:
+            problems.append("attention-relation KD needs a local teacher's attention projections")
         if d.divergence != "forward_kl" or d.temperature != 1.0:
             problems.append("a top-k teacher defines forward_kl at temperature 1.0 only")
         if endpoint.top_logprobs == 0:
@@ -271,7 +325,7 @@ def _valid_keys(model_cls: type[BaseModel], path: tuple) -> list[str]:
     return sorted(cls.model_fields)
 
 
-def _format_errors(err: ValidationError, source: str) -> str:
+def format_errors(err: ValidationError, source: str) -> str:
     lines = [f"invalid recipe ({source}):"]
     for e in err.errors():
         loc = tuple(e["loc"])
@@ -298,16 +352,20 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     out = copy.deepcopy(data)
     for text in overrides:
-        parts, value = parse_override(text)
-        node = out
-        for part in parts[:-1]:
-            child = node.get(part)
-            if not isinstance(child, dict):
-                child = {}
-                node[part] = child
-            node = child
-        node[parts[-1]] = value
+        set_dotted(out, *parse_override(text))
     return out
+
+
+def set_dotted(data: dict, parts: list[str], value: Any) -> None:
+    """data[parts[0]][parts[1]]... = value, creating the mappings on the way (in place)."""
+    node = data
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = copy.deepcopy(value)
 
 
 def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None, base: dict | None = None) -> Recipe:
@@ -332,7 +390,7 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, source)) from None
+        raise ConfigError(format_errors(exc, source)) from None
 
 
 # ------------------------------------------------------------------------------------- model sources

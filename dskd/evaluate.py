@@ -30,19 +30,25 @@ ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 
 def task_metrics(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
     """Mean ROUGE-1/2/L F-measure x 100 (stemmed) and corpus SacreBLEU."""
+    per_example = _fmeasures(predictions, references)
+    metrics = {kind: 100.0 * sum(scores) / len(predictions) for kind, scores in per_example.items()}
+    metrics["bleu"] = sacrebleu.corpus_bleu(list(predictions), [list(references)]).score
+    return metrics
+
+
+def rouge_per_example(predictions: Sequence[str], references: Sequence[str]) -> dict[str, list[float]]:
+    """ROUGE-1/2/L F-measure x 100 (stemmed) of every example: what paired tests between models compare."""
+    return {kind: [100.0 * f for f in scores] for kind, scores in _fmeasures(predictions, references).items()}
+
+
+def _fmeasures(predictions: Sequence[str], references: Sequence[str]) -> dict[str, list[float]]:
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
     if not predictions:
         raise ValueError("no predictions to score")
     scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
-    totals = dict.fromkeys(ROUGE_TYPES, 0.0)
-    for prediction, reference in zip(predictions, references):
-        scores = scorer.score(reference, prediction)
-        for kind in ROUGE_TYPES:
-            totals[kind] += scores[kind].fmeasure
-    metrics = {kind: 100.0 * total / len(predictions) for kind, total in totals.items()}
-    metrics["bleu"] = sacrebleu.corpus_bleu(list(predictions), [list(references)]).score
-    return metrics
+    scores = [scorer.score(reference, prediction) for prediction, reference in zip(predictions, references)]
+    return {kind: [s[kind].fmeasure for s in scores] for kind in ROUGE_TYPES}
 
 
 def most_common_target(train_targets: Sequence[str]) -> str:

@@ -166,3 +166,45 @@ def write_quality_latency(path: Path, results: dict[str, dict[str, float]], titl
     if not any("latency_ms_mean" in m and "rougeL" in m for m in results.values()):
         return None
     return save_png(quality_latency_figure(results, title), path)
+
+
+# ------------------------------------------------------------------------------------------------ study
+
+Band = tuple[Sequence[int], Sequence[float], Sequence[float], Sequence[float]]  # steps, mean, low, high
+
+
+def study_curves_figure(curves: dict[str, Band], levels: dict[str, float], title: str, ylabel: str) -> Figure:
+    """One line per variant (mean over seeds) with a shaded band (its low..high over seeds) against the optimizer
+    step; `levels` (teacher, baseline) as labeled horizontal lines."""
+    fig = Figure(figsize=(10.0, 6.0))
+    ax = fig.add_subplot()
+    for name, (steps, mean, low, high) in curves.items():
+        line, = ax.plot(steps, mean, marker="o", markersize=3, linewidth=1.6, label=name)
+        ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.15, linewidth=0)
+    for i, (name, value) in enumerate(levels.items()):
+        ax.axhline(value, color="0.2" if i == 0 else "0.55", linestyle="--", linewidth=1.2, label=f"{name}: {value:.2f}")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8, ncols=2)
+    return fig
+
+
+def quality_throughput_figure(points: dict[str, tuple[float, float, float]], title: str, xlabel: str,
+                              ylabel: str) -> Figure:
+    """A point per model: (throughput, quality mean, quality spread); the teacher drawn as a star."""
+    fig = Figure(figsize=SIZE)
+    ax = fig.add_subplot()
+    for i, (name, (x, y, spread)) in enumerate(points.items()):
+        marker = "*" if name == "teacher" else "o"
+        ax.errorbar(x, y, yerr=spread if spread == spread else None, fmt=marker, capsize=4,
+                    markersize=13 if marker == "*" else 8, label=name)
+        ax.annotate(name, (x, y), xytext=(7, 6 + 10 * (i % 3)), textcoords="offset points", fontsize=8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.margins(x=0.2, y=0.2)
+    ax.legend(loc="best", fontsize=8)
+    return fig

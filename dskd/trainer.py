@@ -106,13 +106,15 @@ class TrainState:
     step: int = 0
     run_id: str | None = None
     losses: list[float] = field(default_factory=list)  # per optimizer step, global mean
+    dev_history: list[dict] = field(default_factory=list)  # {"step": N, "dev/rougeL": ...} per dev evaluation
 
     def client_state(self) -> dict:
         return {**asdict(self), "losses": list(self.losses)}
 
     @classmethod
     def from_client_state(cls, state: dict) -> "TrainState":
-        return cls(**{name: state[name] for name in ("phase", "micro", "step", "run_id", "losses") if name in state})
+        names = ("phase", "micro", "step", "run_id", "losses", "dev_history")
+        return cls(**{name: state[name] for name in names if name in state})
 
 
 @dataclass
@@ -331,7 +333,9 @@ class Trainer:
             }, step=step)
         stalled_since = self._stop_if_stalled(phase_start)
         if ctx.dev_metrics is not None and self._eval_due(step, phase.steps_per_epoch(mbs, gas, world), phase_start):
-            ctx.run.log_metrics(ctx.dev_metrics(), step=step)
+            metrics = ctx.dev_metrics()
+            self.state.dev_history.append({"step": step, **metrics})
+            ctx.run.log_metrics(metrics, step=step)
         if preemption.agreed():
             self.save()
             raise preemption.Preempted(f"{ctx.label}: checkpointed at step {step} in {ctx.checkpoints}; resume with "

@@ -38,6 +38,8 @@ SKIPPED = {
     "dskd demo --blackbox            # all of it on the embedded task, labels withheld (--quick: a small version)":
         "the full black-box demo; the serve/generate/distill lines above it run here",
     "python -m pytest -q tests": "the test suite itself",
+    "dskd study            # the paper's comparison: 8 variants x 3 seeds on the embedded task (STUDY_MINUTES min on 2 cores)":
+        "the full study (about an hour on 2 cores); `dskd study --quick` runs here",
 }
 COMMAND_TIMEOUT_S = 600
 SERVER_TIMEOUT_S = 180
@@ -315,6 +317,9 @@ def test_every_readme_bash_line_runs_as_written(tmp_path, tiny_tokenizer, monkey
                                               f"{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
                 if parsed := dskd_stage(line):
                     check_outputs(tmp_path, *parsed)
+                if line.startswith("dskd study --quick"):
+                    report = tmp_path / "dskd-runs" / "study-quick" / "report"
+                    assert {"study_report.md", "dev_rougeL_curves.png"} <= {p.name for p in report.iterdir()}
             timings.append((time.monotonic() - start, line))
     finally:
         start = time.monotonic()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
 import sys
 import urllib.request
 from pathlib import Path
@@ -22,7 +23,7 @@ import pytest
 import yaml
 
 from tests.conftest import tiny_recipe
-from tests.slurm_cluster import CPU_SETTINGS, FINAL_STATES, REPO, SlurmCluster, SlurmError, wait_for
+from tests.slurm_cluster import CPU_SETTINGS, FINAL_STATES, REPO, Job, SlurmCluster, SlurmError, wait_for
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -223,3 +224,35 @@ def test_pipeline_jobs_with_mlflow_server_and_preemption(slurm, submitted, tiny_
     assert record["JobState"] == "CANCELLED"
     wait_for(lambda: "mlflow server stopped (SIGTERM)" in server.log(), 30, "the server job's clean stop")
     assert not uri_file.exists() and not _port_open(port)
+
+
+def test_study_template_runs_prepare_then_a_cell_array_then_the_report(slurm, submitted, tmp_path):
+    """`bash slurm/study.sbatch`: three real jobs (the quick study at toy size): prepare, an array with one task per
+    cell (after prepare), the report (after the array); every cell ran in its own array task, the report and the
+    MLflow parent/child runs exist."""
+    import mlflow
+
+    out = tmp_path / "study"
+    args = ["--quick", "--output-dir", str(out), f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            "study.steps=3", "study.eval_every=3", "data.max_examples.labeled=96", "data.max_examples.unlabeled=32",
+            "teacher.train.epochs=1"]
+    env = slurm.env(**{**CPU_SETTINGS, "TASKS_PER_NODE": "1", "MAX_PARALLEL": "1", "TIME_LIMIT": "15",
+                       "DSKD_COMMAND": f"{sys.executable} -m dskd"})
+    result = subprocess.run(["bash", str(REPO / "slurm" / "study.sbatch"), *args], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    prepare, cells, report = (Job(job_id, slurm) for job_id in result.stdout.split())
+    submitted.extend([prepare, cells, report])
+    assert "study: 4 cells" in result.stderr
+    report.expect_completed(timeout=900)
+    records = [json.loads(p.read_text()) for p in sorted(out.glob("cells/*/cell.json"))]
+    assert sorted((r["variant"], r["seed"], r["status"]) for r in records) == [
+        ("finetune", 1, "ok"), ("finetune", 2, "ok"), ("joint_teaching", 1, "ok"), ("joint_teaching", 2, "ok")]
+    logs = sorted((tmp_path / "dskd-runs" / "slurm-logs").glob("dskd-study-cells-*.out"))
+    assert len(logs) == 4  # one array task per cell
+    assert (out / "report" / "study_report.md").is_file() and (out / "report" / "dev_rougeL_curves.png").is_file()
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("dskd-study").experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("dskd.stage") == "study"]
+    children = [r for r in runs if r.data.tags.get("dskd.study.cell")]
+    assert len(children) == 4 and all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in children)

@@ -79,8 +79,8 @@ def _barrier() -> None:
 
 
 def _embedded_files(recipe: Recipe, is_main: bool) -> tuple[dict[str, str], str, Path]:
-    """Build (rank 0) or reuse the docstring task and its tokenizer under <output_dir>/data."""
-    cache = Path(recipe.run.output_dir) / "data"
+    """Build (rank 0) or reuse the docstring task and its tokenizer under data.cache_dir (<output_dir>/data)."""
+    cache = Path(recipe.data.cache_dir or Path(recipe.run.output_dir) / "data")
     if is_main:
         build = build_docstring_task(cache)
     _barrier()

@@ -62,6 +62,7 @@ class StageResult:
     losses: list[float] = field(default_factory=list)  # per optimizer step, global mean
     metrics: dict[str, float] = field(default_factory=dict)
     skipped: bool = False
+    dev_history: list[dict] = field(default_factory=list)  # dev metrics during training, with their step
 
 
 @dataclass
@@ -131,9 +132,23 @@ class TrainingStage:
             store = PTStore(pt_store_dir(recipe))
             if not store.is_complete():
                 raise ConfigError(f"no complete pseudo-target store at {store.root}: run `dskd generate` first")
-            self.pts = store.load()
+            self.pts = self._pts_of_splits(store.load())
             if own_vocab:  # sequence-level KD: the PT texts, in the student's tokens
                 self.pts = self.pts.map(self._student_pt_ids, batched=True, desc="PTs in the student's tokenizer")
+
+    def _pts_of_splits(self, pts):
+        """The PTs of the inputs in distill.pt_splits (e.g. labeled only); the count kept is printed."""
+        wanted = set(self.recipe.distill.pt_splits)
+        if self.stage == "teacher" or wanted >= set(pts.unique("split")):
+            return pts
+        kept = pts.filter(lambda split: split in wanted, input_columns="split")
+        if self.dist.is_main:
+            print(f"[dskd] {self.stage}: PTs of {', '.join(sorted(wanted))} inputs only (distill.pt_splits): "
+                  f"{len(kept)} of {len(pts)} inputs")
+        if len(kept) == 0:
+            raise ConfigError(f"distill.pt_splits={sorted(wanted)}: the PT store {pt_store_dir(self.recipe)} has no "
+                              f"PTs of those inputs (it has {sorted(set(pts.unique('split')))})")
+        return kept
 
     def _check_own_student_vocabulary(self) -> None:
         """The student's tokenizer differs from the teacher's: fine for CE (sequence-level KD, fine-tuning on
@@ -229,11 +244,13 @@ class TrainingStage:
 
     # -- train and export ----------------------------------------------------------------------------------
 
-    def train(self, state: TrainState, tracker: Tracker, parent_run_id: str | None) -> StageResult:
+    def train(self, state: TrainState, tracker: Tracker, parent_run_id: str | None,
+              tags: dict[str, str] | None = None) -> StageResult:
         recipe, dist = self.recipe, self.dist
         run_name = "teacher" if self.stage == "teacher" else f"distill-{recipe.student.name}"
         with preemption.handling():
-            with tracker.run(run_name, parent_id=parent_run_id, run_id=state.run_id, tags=self._tags()) as run:
+            with tracker.run(run_name, parent_id=parent_run_id, run_id=state.run_id,
+                             tags={**self._tags(), **(tags or {})}) as run:
                 if state.run_id is None:
                     self._log_start(run)
                 state.run_id = run.run_id
@@ -245,8 +262,10 @@ class TrainingStage:
                     self._plot_losses(run, state)
                 final = self.dev_metrics()
                 run.log_metrics(final, step=state.step)
+                if final and not (state.dev_history and state.dev_history[-1]["step"] == state.step):
+                    state.dev_history.append({"step": state.step, **final})
                 model_dir = self.export(run, state, final)
-        return StageResult(model_dir, state.run_id, state.step, state.losses, final)
+        return StageResult(model_dir, state.run_id, state.step, state.losses, final, dev_history=state.dev_history)
 
     def _plot_losses(self, run: Tracker, state: TrainState) -> None:
         """`loss_curves.png` in the stage directory, logged to the run (rank 0; never raises)."""
@@ -314,7 +333,8 @@ class TrainingStage:
                                  recipe.tracking.register_model)
             elif recipe.tracking.log_model:  # no text2text pipeline in transformers 5: a pyfunc model
                 run.log_seq2seq_model(model_dir, probe_texts[0], recipe.data, recipe.tracking.register_model)
-            write_done(self.out_dir, {"key": self.key, "run_id": run.run_id, "steps": step, "metrics": final})
+            write_done(self.out_dir, {"key": self.key, "run_id": run.run_id, "steps": step, "metrics": final,
+                                      "dev_history": state.dev_history})
             run.set_tags({"dskd.model_dir": str(model_dir)})
         if torch_dist.is_initialized():
             torch_dist.barrier()
@@ -328,8 +348,9 @@ def _probe_texts(task: TaskData) -> list[str]:
 
 
 def train_stage(recipe: Recipe, stage: Stage, *, resume: bool = False, force: bool = False,
-                parent_run_id: str | None = None, tracker: Tracker | None = None) -> StageResult:
-    """Run `dskd teacher` or `dskd distill` end to end and export the trained model."""
+                parent_run_id: str | None = None, tracker: Tracker | None = None,
+                tags: dict[str, str] | None = None) -> StageResult:
+    """Run `dskd teacher` or `dskd distill` end to end and export the trained model (`tags`: extra MLflow tags)."""
     check_data_paths(recipe)  # before the process group: a typo'd path fails fast, on every rank alike
     dist = init_distributed(recipe.run.device, recipe.run.dist_timeout_minutes)
     job = TrainingStage(recipe, stage, dist)
@@ -338,11 +359,11 @@ def train_stage(recipe: Recipe, stage: Stage, *, resume: bool = False, force: bo
         if dist.is_main:
             print(f"[dskd] {stage}: already complete with this recipe in {job.out_dir} (reused; pass --force to redo)")
         return StageResult(job.out_dir / "model", done.get("run_id"), done.get("steps", 0),
-                           metrics=done.get("metrics", {}), skipped=True)
+                           metrics=done.get("metrics", {}), skipped=True, dev_history=done.get("dev_history", []))
     torch.manual_seed(recipe.run.seed)
     job.setup_data()
     job.setup_models()
     job.setup_engines()
     state = job.resume(resume)
     tracker = tracker or Tracker(recipe.tracking, recipe.run.output_dir, active=dist.is_main)
-    return job.train(state, tracker, parent_run_id)
+    return job.train(state, tracker, parent_run_id, tags)

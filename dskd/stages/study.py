@@ -1,0 +1,254 @@
+"""`dskd study`: the paper's comparison of objectives as one command (grid and layout: `dskd.study`).
+
+    prepare   the shared teacher (`dskd teacher`, when the base recipe fine-tunes or builds one), the shared PT
+              store (`dskd generate`), the teacher's evaluation (shared/teacher_eval.json); each built once,
+              reused, its fingerprint recorded on the study's parent MLflow run
+    cells     per cell: `dskd distill` with the cell's recipe (a child run of the study's, tagged with variant and
+              seed; resumed from its checkpoint when one exists), then greedy decoding of dev/test (per-example
+              ROUGE kept for paired tests) and generation throughput -> cells/<name>/cell.json. A finished cell is
+              reused; a cell that diverges is recorded as failed and the study goes on
+    report    `dskd.study_report` over every finished cell -> report/study_report.md/.json and the PNGs, logged
+              to the parent run
+
+`run_study(recipe, step)` runs one of "prepare", "cells" (all, or `cells=[i, ...]`: a Slurm array task),
+"report", or "all" of them in order. A killed study continues where it stopped: finished stages and cells are
+reused, the interrupted cell resumes from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as torch_dist
+
+from dskd.atomic import atomic_write_text
+from dskd.config import ConfigError, Recipe
+from dskd.data.collate import Encoder, Formatting
+from dskd.data.pt_store import PTStore
+from dskd.data.task import TaskData, check_data_paths, load_task
+from dskd.engines import init_distributed
+from dskd.evaluate import EfficiencyConfig, constant_baseline, efficiency, evaluate_generations, rouge_per_example
+from dskd.generation import DecodingConfig
+from dskd.layout import pt_store_dir, read_done, stage_dir, stage_key
+from dskd.models import detect_arch, load_model
+from dskd.stages.generate import run_generate
+from dskd.stages.train import train_stage
+from dskd.study import Cell, cell_key, read_cell, report_dir, shared_recipe, study_cells, study_root
+from dskd.study_report import StudyReport, build_report, write_report
+from dskd.teachers import teacher_for
+from dskd.tracking import Tracker
+from dskd.trainer import TrainingDiverged
+
+STEPS = ("prepare", "cells", "report", "all")
+
+
+@dataclass
+class Scorer:
+    """Decodes a split with the recipe's evaluation decoding and scores it (shared by teacher and cells)."""
+
+    recipe: Recipe
+    task: TaskData
+    tokenizer: object
+    device: torch.device
+
+    def score(self, spec, path: Path) -> dict:
+        """{"splits": {split: {"metrics", "rougeL"}}, "efficiency": {...}} of the model at `path`."""
+        cfg = self.recipe.evaluate
+        model = load_model(spec, path=str(path)).to(self.device).eval()
+        encoder = Encoder(self.tokenizer, Formatting.from_data(self.recipe.data, detect_arch(model.config)))
+        decoding = DecodingConfig(**cfg.decoding.model_dump())
+        splits = {}
+        for split in cfg.splits:
+            rows = self.task.require(split)
+            if cfg.max_examples:
+                rows = rows.select(range(min(len(rows), cfg.max_examples)))
+            metrics, predictions = evaluate_generations(model, encoder, rows, decoding, progress=False)
+            per_example = rouge_per_example(predictions, rows["target"])
+            splits[split] = {"metrics": metrics, "rougeL": per_example["rougeL"], "predictions": predictions}
+        prompts = [encoder.prompt_ids(x) for x in self.task.require(cfg.splits[0])["input"][: cfg.efficiency_batch_size]]
+        speed = efficiency(model, encoder, prompts, decoding, EfficiencyConfig(
+            batch_size=cfg.efficiency_batch_size, repeats=cfg.efficiency_repeats))
+        return {"splits": splits, "efficiency": speed}
+
+    def baseline(self) -> dict[str, dict[str, float]]:
+        targets = self.task.require("labeled")["target"]
+        return {split: constant_baseline(targets, self.task.require(split)["target"])
+                for split in self.recipe.evaluate.splits}
+
+
+class Study:
+    """One `dskd study` invocation; see the module docstring."""
+
+    def __init__(self, recipe: Recipe):
+        self.recipe = recipe
+        self.cells = study_cells(recipe)  # validated before anything loads or trains
+        self.root = study_root(recipe)
+        self.shared = shared_recipe(recipe)
+        self.dist = init_distributed(recipe.run.device, recipe.run.dist_timeout_minutes)
+        self.tracker = Tracker(recipe.tracking, self.root, active=self.dist.is_main)
+        self.state_path = self.root / "study.json"
+
+    # -- the parent run ---------------------------------------------------------------------------------------
+
+    def parent_run_id(self) -> str | None:
+        if self.state_path.is_file():
+            return json.loads(self.state_path.read_text()).get("parent_run_id")
+        return None
+
+    def open_parent(self):
+        """The study's parent MLflow run: created once, reopened by every later invocation."""
+        return self.tracker.run(f"study-{self.recipe.run.name}", run_id=self.parent_run_id(),
+                                tags={"dskd.stage": "study"})
+
+    def remember_parent(self, run: Tracker) -> None:
+        """Record the parent run (study.json) and log the recipe and variants to it, once."""
+        if self.dist.is_main and run.run_id and self.parent_run_id() != run.run_id:
+            atomic_write_text(self.state_path, json.dumps({"parent_run_id": run.run_id}, indent=2))
+            run.log_recipe(self.recipe)
+            run.log_dict(self.recipe.study.variants, "study_variants.json")
+
+    # -- prepare ----------------------------------------------------------------------------------------------
+
+    def prepare(self, parent: str | None) -> None:
+        shared = self.shared
+        check_data_paths(shared)
+        if shared.teacher.finetune or shared.teacher.init != "pretrained":
+            train_stage(shared, "teacher", resume=True, parent_run_id=parent, tracker=self.tracker)
+        if any("teacher_pt" in c.recipe.distill.sources for c in self.cells):
+            run_generate(shared, parent_run_id=parent, tracker=self.tracker)
+        if self.dist.is_main:
+            self.teacher_record()
+
+    def fingerprints(self) -> dict[str, str]:
+        shared, out = self.shared, {}
+        done = read_done(stage_dir(shared, "teacher"), stage_key(shared, "teacher"))
+        if done is not None:
+            out["dskd.study.teacher"] = f"{stage_dir(shared, 'teacher') / 'model'} (stage key {done['key']})"
+        store = PTStore(pt_store_dir(shared))
+        if store.is_complete():
+            meta = store.read_meta()
+            out["dskd.study.pts"] = f"{store.root} (data {meta.get('data_fingerprint', '?')[:12]}, " \
+                                    f"generator {meta.get('generator', '?')}, seed {meta.get('seed', '?')})"
+        return out
+
+    def scorer(self) -> Scorer:
+        task = load_task(self.shared, True, needed=("labeled", *self.recipe.evaluate.splits))
+        return Scorer(self.recipe, task, teacher_for(self.shared).tokenizer(self.shared, task), self.dist.device)
+
+    def teacher_record(self) -> dict:
+        """The teacher's (and the constant baseline's) evaluation, computed once (shared/teacher_eval.json)."""
+        path = Path(self.shared.run.output_dir) / "teacher_eval.json"
+        teacher_dir = self.cells[0].recipe.teacher.path
+        key = _key(teacher_dir, _model_stamp(Path(teacher_dir)), self.recipe.evaluate.model_dump(mode="json"))
+        if path.is_file() and (record := json.loads(path.read_text())).get("key") == key:
+            return record
+        scorer = self.scorer()
+        print(f"[dskd] study: evaluating the teacher ({teacher_dir}) on {', '.join(self.recipe.evaluate.splits)}")
+        record = {"key": key, "path": teacher_dir, **scorer.score(self.cells[0].recipe.teacher, Path(teacher_dir)),
+                  "baseline": scorer.baseline()}
+        atomic_write_text(path, json.dumps(record))
+        return record
+
+    # -- cells ------------------------------------------------------------------------------------------------
+
+    def run_cells(self, parent: str | None, indices: list[int] | None) -> None:
+        selected = self.cells if indices is None else [self._cell(i) for i in indices]
+        teacher = self.cells[0].recipe.teacher
+        if teacher.init == "pretrained" and not (Path(teacher.path) / "config.json").is_file():
+            raise ConfigError(f"the study's teacher {teacher.path} does not exist yet: run `dskd study --step "
+                              "prepare` (same recipe and --output-dir) first")
+        scorer = None
+        for cell in selected:
+            if read_cell(cell) is not None:
+                if self.dist.is_main:
+                    print(f"[dskd] study: cell {cell.index} {cell.name} already finished (reused)")
+                continue
+            if self.dist.is_main:
+                print(f"[dskd] study: cell {cell.index + 1}/{len(self.cells)} {cell.name}")
+            scorer = scorer or (self.scorer() if self.dist.is_main else None)
+            self.run_cell(cell, parent, scorer)
+
+    def _cell(self, index: int) -> Cell:
+        if not 0 <= index < len(self.cells):
+            raise ConfigError(f"--cell {index}: the study has cells 0..{len(self.cells) - 1} (`dskd study "
+                              "--list-cells` lists them)")
+        return self.cells[index]
+
+    def run_cell(self, cell: Cell, parent: str | None, scorer: Scorer | None) -> dict:
+        tags = {"dskd.study.variant": cell.variant, "dskd.study.seed": str(cell.seed), "dskd.study.cell": cell.name}
+        record = {"key": cell_key(cell), "variant": cell.variant, "seed": cell.seed, "index": cell.index}
+        start = time.perf_counter()
+        try:
+            result = train_stage(cell.recipe, "distill", resume=True, parent_run_id=parent, tracker=self.tracker,
+                                 tags=tags)
+        except TrainingDiverged as exc:
+            record.update(status="failed", error=str(exc), seconds=time.perf_counter() - start)
+            if self.dist.is_main:
+                print(f"[dskd] study: cell {cell.name} FAILED (diverged): {exc}")
+                atomic_write_text(cell.marker, json.dumps(record))
+            return record
+        if self.dist.is_main:
+            scored = scorer.score(cell.recipe.student, result.model_dir)
+            record.update(status="ok", run_id=result.run_id, steps=result.steps, dev_history=result.dev_history,
+                          train_seconds=time.perf_counter() - start, **scored)
+            with self.tracker.run(f"distill-{cell.name}", run_id=result.run_id, parent_id=parent, tags=tags) as run:
+                run.log_metrics({f"study/{split}/{k}": v for split, s in scored["splits"].items()
+                                 for k, v in s["metrics"].items()}
+                                | {f"study/{k}": v for k, v in scored["efficiency"].items()}, step=result.steps)
+            record["seconds"] = time.perf_counter() - start
+            atomic_write_text(cell.marker, json.dumps(record))
+            dev = scored["splits"].get("dev", next(iter(scored["splits"].values())))["metrics"]
+            print(f"[dskd] study: cell {cell.name} done in {record['seconds']:.0f}s: ROUGE-L {dev['rougeL']:.2f}")
+        if torch_dist.is_initialized():
+            torch_dist.barrier()
+        return record
+
+    # -- report -----------------------------------------------------------------------------------------------
+
+    def report(self, run: Tracker | None) -> StudyReport:
+        records = [read_cell(cell) for cell in self.cells]
+        report = build_report(self.recipe, self.cells, records, self.teacher_record())
+        paths = write_report(report, report_dir(self.recipe))
+        if run is not None:
+            for path in paths:
+                run.log_artifact(path)
+            run.log_metrics(report.metrics())
+        print(f"\n{report.markdown}\n[dskd] study report: {report_dir(self.recipe)}")
+        return report
+
+
+def run_study(recipe: Recipe, step: str = "all", cells: list[int] | None = None) -> StudyReport | None:
+    """The study's steps (see the module docstring); returns the report when one was written."""
+    if step not in STEPS:
+        raise ValueError(f"step {step!r}: one of {STEPS}")
+    study = Study(recipe)
+    start = time.perf_counter()
+    if step == "cells" and cells is not None:  # a Slurm array task: the parent run belongs to the other jobs
+        study.run_cells(study.parent_run_id(), cells)
+        return None
+    report = None
+    with study.open_parent() as parent:
+        study.remember_parent(parent)
+        if step in ("prepare", "all"):
+            study.prepare(parent.run_id)
+            parent.set_tags(study.fingerprints())
+        if step in ("cells", "all"):
+            study.run_cells(parent.run_id, None)
+        if step in ("report", "all") and study.dist.is_main:
+            report = study.report(parent)
+            parent.log_metrics({"study/wall_s": time.perf_counter() - start})
+    return report
+
+
+def _key(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _model_stamp(model_dir: Path) -> list:
+    """Sizes and mtimes of a model directory's weight files: a retrained teacher invalidates its evaluation."""
+    return sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in model_dir.glob("*.safetensors"))
