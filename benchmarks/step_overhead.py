@@ -4,8 +4,9 @@
     python benchmarks/step_overhead.py --repeats 5 --threads 0   # torch's default threads (one per core)
     python benchmarks/step_overhead.py --profile kd  # cProfile of the KD step instead (also: jt)
 
-The shapes of benchmarks/vs_trl.py: Llama teacher ~8.5M parameters / student ~1.9M from configs (random weights),
-vocab 4096 (the docstring task's locally trained BPE), fp32, 2 micro-batches of 4 gold pairs from the docstring task
+The shapes of benchmarks/vs_trl.py: Llama teacher 8 layers x 384 / student 4 layers x 128 from configs (random
+weights), the docstring task's locally trained BPE (--vocab, default 32000: 38.7M / 9.0M parameters; 4096: 17.3M /
+1.9M), fp32, 2 micro-batches of 4 gold pairs from the docstring task
 (input <= 64 tokens, target <= 24), forward KL at temperature 1, AdamW lr 5e-4, gradient clipping 1.0. All in one
 process; every candidate runs once per repeat, round-robin, always on the same two micro-batches. Each ratio is the
 median over repeats of that repeat's ratio (the parts of one ratio run seconds apart, so drift on the shared machine
@@ -82,11 +83,11 @@ JointTeaching.targets = _timed_targets
 
 
 class Bench:
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, vocab: int):
         import datasets
         from transformers import AutoTokenizer
 
-        paths, _ = vs_trl.prepare_data(workdir)
+        paths, _ = vs_trl.prepare_data(workdir, vocab)
         self.tokenizer = AutoTokenizer.from_pretrained(paths["tokenizer"])
         self.encoder = vs_trl.encoder_for(self.tokenizer)
         rows = vs_trl.read_jsonl(paths["train"])[:64]
@@ -195,11 +196,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "dskd-bench" / "vs_trl"))
+    parser.add_argument("--vocab", type=int, default=vs_trl.VOCAB, help="the task's BPE vocabulary (models' vocab)")
     parser.add_argument("--profile", choices=["kd", "jt", "student_engine"], help="cProfile one candidate instead")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    bench = Bench(Path(args.workdir))
+    bench = Bench(Path(args.workdir), args.vocab)
     if args.profile:
         profile(bench, args.profile, args.repeats)
         return

@@ -38,7 +38,7 @@ SKIPPED = {
     "dskd demo --blackbox            # all of it on the embedded task, labels withheld (--quick: a small version)":
         "the full black-box demo; the serve/generate/distill lines above it run here",
     "python -m pytest -q tests": "the test suite itself",
-    "dskd study            # the paper's comparison: 8 variants x 3 seeds on the embedded task (STUDY_MINUTES min on 2 cores)":
+    "dskd study            # the paper's comparison: 8 variants x 3 seeds on the embedded task (64 min on 2 cores)":
         "the full study (about an hour on 2 cores); `dskd study --quick` runs here",
 }
 COMMAND_TIMEOUT_S = 600
