@@ -5,17 +5,17 @@
     python benchmarks/vs_trl.py --rounds 3 --threads 0    # 3 rounds, torch's default threads (one per core)
 
 Needs `pip install trl` (the `bench` extra). The first run builds the task, the tokenizer and the teacher (60
-fine-tuning steps, 14 minutes on our busy 2-core machine) into --workdir; later runs reuse them.
+fine-tuning steps, about 3 minutes on our 2-core machine) into --workdir; later runs reuse them.
 
 Setup, shared by both sides (built once, cached under --workdir):
 - data: the embedded docstring task (`dskd.data.docstrings`: stdlib function source -> first docstring sentence),
   the first TRAIN labeled examples and the first DEV dev examples, written as JSONL; a byte-level BPE tokenizer
-  (--vocab, default 32000 as Llama-2's; 4096 was the toy size of earlier runs) trained locally on the task's texts
-  (`dskd.data.tokenizer`);
-- models: Llama-family from configs, teacher 8 layers, hidden 384 (38.7M parameters at vocab 32000, 4.3x the student;
-  17.3M at vocab 4096), student 4 layers, hidden 128 (9.0M; 1.9M at vocab 4096), untied heads, fp32 on both sides; the teacher is fine-tuned once with plain torch (CE on the gold
-  targets, --teacher-steps) and saved with save_pretrained; the student's initial weights are saved once, and both
-  sides start from them;
+  (--vocab, default 32000 as Llama-2's, of which this corpus yields 21661 tokens; 4096 was the toy size of earlier
+  runs) trained locally on the task's texts (`dskd.data.tokenizer`);
+- models: Llama-family from configs, teacher 8 layers, hidden 384 (30.8M parameters at the 21661-token vocabulary,
+  4.8x the student; 17.3M at vocab 4096), student 4 layers, hidden 128 (6.4M; 1.9M at vocab 4096), untied heads,
+  fp32 on both sides; the teacher is fine-tuned once with plain torch (CE on the gold targets, --teacher-steps) and
+  saved with save_pretrained; the student's initial weights are saved once, and both sides start from them;
 - tokens: every (input, target) pair goes through dskd's `Encoder` ([BOS] input + "\\n=> " + target + EOS, input
   cut to 64 tokens, target to 24); TRL gets those same ids through a collator (right-padded sequence, labels -100
   outside the target, left-padded prompts for its generate()), so both train on identical token sequences (data
