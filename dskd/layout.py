@@ -64,7 +64,12 @@ def stage_key(recipe: Recipe, stage: Stage) -> str:
     if stage == "distill":
         parts.update(student=recipe.student.model_dump(mode="json"), distill=recipe.distill.model_dump(mode="json"),
                      generate=recipe.generate.model_dump(mode="json"))
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+    return content_key(parts)
+
+
+def content_key(payload) -> str:
+    """A short, stable hash of a JSON-able payload: the key a finished result is reused by."""
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def read_done(directory: Path, key: str) -> dict | None:

@@ -41,6 +41,7 @@ class StudentWithLoss(torch.nn.Module):
         super().__init__()
         self.lm = HiddenStateLM(model)
         self.vocab_size = vocab_size
+        self.relation_heads = default_relation_heads(model)
         register_head_for_loss(self, self.lm.head()[0])
 
     @property
@@ -51,5 +52,5 @@ class StudentWithLoss(torch.nn.Module):
         with signal.capturing(self.hf_model) as captured:
             hidden = self.lm(batch)
         weight, bias = self.lm.head()
-        head = StudentHead(hidden, weight, bias, self.vocab_size, captured, default_relation_heads(self.hf_model))
+        head = StudentHead(hidden, weight, bias, self.vocab_size, captured, self.relation_heads)
         return signal.loss(head, batch, config, normalizer)

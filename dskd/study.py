@@ -19,7 +19,6 @@ anything trains: an unknown key fails naming the variant and the key.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from dskd.config import STUDY_RESET, ConfigError, Recipe, format_errors, set_dotted
-from dskd.layout import pt_store_dir, stage_dir
+from dskd.layout import content_key, pt_store_dir, stage_dir
 
 # Keys that define what every cell shares (or the study's own bookkeeping): a variant cannot change them.
 SHARED_KEYS = ("run", "tracking", "study", "data", "generate", "evaluate", "teacher.path", "teacher.init",
@@ -122,7 +121,7 @@ def cell_key(cell: Cell) -> str:
     payload = cell.recipe.model_dump(mode="json")
     for unrelated in ("tracking", "study"):  # the study section is in the cell through its distill keys already
         payload.pop(unrelated)
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return content_key(payload)
 
 
 def read_cell(cell: Cell) -> dict | None:

@@ -36,7 +36,7 @@ from dskd.data.task import TaskData
 from dskd.engines import DistInfo, create_teacher_engine
 from dskd.layout import teacher_model_path
 from dskd.losses import KDLossConfig, KDLossOutput, kd_loss
-from dskd.losses.relations import captured_projections, default_relation_heads, relation_kd, relation_sites, stack_masks
+from dskd.losses.relations import captured_projections, relation_kd, relation_sites, stack_masks
 from dskd.losses.sparse import sparse_kd_loss
 from dskd.losses.zero import gathered
 from dskd.models import HiddenStateLM, load_tokenizer
@@ -193,14 +193,18 @@ class RelationTeacher(LocalTeacher):
     def __init__(self, weight: float, heads: int | None) -> None:
         super().__init__()
         self.weight, self.heads = weight, heads
+        self.sites: list = []
+
+    def place(self, model, spec: TeacherConfig, micro_batch_size: int, dist: DistInfo, dropout: bool = False) -> None:
+        super().place(model, spec, micro_batch_size, dist, dropout)
+        self.sites = relation_sites(self.module.model)  # found once, not per micro-batch
 
     @contextmanager
     def signal(self, batch: dict[str, torch.Tensor]) -> Iterator[Signal]:
-        sites = relation_sites(self.module.model)
-        with torch.no_grad(), captured_projections(sites) as relations:
+        with torch.no_grad(), captured_projections(self.sites) as relations:
             hidden = self.runner(batch)
         with self.head() as (weight, bias):
-            yield RelationSignal(hidden, weight, bias, relations, sites, self.weight, self.heads)
+            yield RelationSignal(hidden, weight, bias, relations, self.sites, self.weight, self.heads)
 
 
 class StoredTopKTeacher(Teacher):

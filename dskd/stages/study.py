@@ -17,7 +17,6 @@ reused, the interrupted cell resumes from its latest checkpoint.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -30,11 +29,11 @@ from dskd.atomic import atomic_write_text
 from dskd.config import ConfigError, Recipe
 from dskd.data.collate import Encoder, Formatting
 from dskd.data.pt_store import PTStore
-from dskd.data.task import TaskData, check_data_paths, load_task
+from dskd.data.task import TaskData, load_task
 from dskd.engines import init_distributed
 from dskd.evaluate import EfficiencyConfig, constant_baseline, efficiency, evaluate_generations, rouge_per_example
 from dskd.generation import DecodingConfig
-from dskd.layout import pt_store_dir, read_done, stage_dir, stage_key
+from dskd.layout import content_key, pt_store_dir, read_done, stage_dir, stage_key
 from dskd.models import detect_arch, load_model
 from dskd.stages.generate import run_generate
 from dskd.stages.train import train_stage
@@ -116,7 +115,6 @@ class Study:
 
     def prepare(self, parent: str | None) -> None:
         shared = self.shared
-        check_data_paths(shared)
         if shared.teacher.finetune or shared.teacher.init != "pretrained":
             train_stage(shared, "teacher", resume=True, parent_run_id=parent, tracker=self.tracker)
         if any("teacher_pt" in c.recipe.distill.sources for c in self.cells):
@@ -144,7 +142,7 @@ class Study:
         """The teacher's (and the constant baseline's) evaluation, computed once (shared/teacher_eval.json)."""
         path = Path(self.shared.run.output_dir) / "teacher_eval.json"
         teacher_dir = self.cells[0].recipe.teacher.path
-        key = _key(teacher_dir, _model_stamp(Path(teacher_dir)), self.recipe.evaluate.model_dump(mode="json"))
+        key = content_key([teacher_dir, _model_stamp(Path(teacher_dir)), self.recipe.evaluate.model_dump(mode="json")])
         if path.is_file() and (record := json.loads(path.read_text())).get("key") == key:
             return record
         scorer = self.scorer()
@@ -243,10 +241,6 @@ def run_study(recipe: Recipe, step: str = "all", cells: list[int] | None = None)
             report = study.report(parent)
             parent.log_metrics({"study/wall_s": time.perf_counter() - start})
     return report
-
-
-def _key(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _model_stamp(model_dir: Path) -> list:

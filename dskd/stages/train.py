@@ -139,7 +139,7 @@ class TrainingStage:
     def _pts_of_splits(self, pts):
         """The PTs of the inputs in distill.pt_splits (e.g. labeled only); the count kept is printed."""
         wanted = set(self.recipe.distill.pt_splits)
-        if self.stage == "teacher" or wanted >= set(pts.unique("split")):
+        if wanted >= set(pts.unique("split")):
             return pts
         kept = pts.filter(lambda split: split in wanted, input_columns="split")
         if self.dist.is_main:
