@@ -7,7 +7,8 @@ Compared with Hugging Face `generate(do_sample=True, num_return_sequences=K)`:
     whose nucleus does not fit look again with 8x more (a flat row, whose nucleus is most of the vocabulary,
     ends in the full sort), so a step costs O(V) instead of an O(V log V) sort;
   - finished sequences leave the batch: rows that produced EOS are dropped from the cache, so the last steps
-    run on the sequences still going, and the loop stops as soon as every sequence has ended.
+    run on the sequences still going, and the loop stops as soon as every sequence has ended;
+  - one uniform number per draw (inverse CDF), not one exponential per vocabulary entry as `torch.multinomial`.
 The sampled distribution is HF's: suppress the pad token, divide by the temperature, keep the top-k, keep the
 smallest set of most likely tokens whose mass reaches top_p, renormalize. The random stream differs from HF's
 (draws over candidates, on a shrinking batch), so PTs from this sampler are not HF's for the same seed: PT
@@ -27,7 +28,8 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from dskd.collectives import all_reduce
 
-SAMPLER_VERSION = "dskd-sampler-2"  # PT stores record it; "hf-generate" stores (no version) are not mixed in
+SAMPLER_VERSION = "dskd-sampler-3"  # PT stores record it; "hf-generate" stores (no version) are not mixed in
+# 3: draws by inverting the CDF with one uniform per row (2: torch.multinomial); same distribution, other stream
 FIRST_CANDIDATES = 64
 MAX_CANDIDATES = 512  # beyond this a partial top-k costs about what a full sort does: sort instead
 _CONTRACT_SETTINGS = ("forced_bos_token_id", "forced_eos_token_id", "forced_decoder_ids", "begin_suppress_tokens",
@@ -105,9 +107,23 @@ def next_tokens(logits: torch.Tensor, settings: SamplingSettings, generator: tor
         logits = logits / settings.temperature
     tokens = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
     for rows, values, ids in nucleus(logits, settings.top_k, settings.top_p):
-        choice = torch.multinomial(values.softmax(-1), 1, generator=generator)
-        tokens[rows] = ids.gather(1, choice).squeeze(1)
+        tokens[rows] = ids.gather(1, draw(values, generator)).squeeze(1)
     return tokens
+
+
+def draw(logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """[N, 1] one index per row of `logits` [N, C] (filtered entries at -inf), drawn from softmax(logits).
+
+    By inverting the CDF with one uniform per row. `torch.multinomial` draws one exponential per entry (its
+    one-sample path), and that RNG was most of a decode step's sampling cost on CPU (1.8 ms vs 0.2 ms for 4 rows
+    of 21661 on our EPYC host). The CDF is summed in float64 so a 150k-token row's tail keeps its mass; the
+    target stays strictly below the total, so the first entry whose CDF exceeds it has a positive weight."""
+    weights = (logits - logits.amax(-1, keepdim=True)).exp()
+    cdf = weights.cumsum(-1, dtype=torch.float64)
+    total = cdf[:, -1:]
+    target = torch.rand(total.shape, generator=generator, dtype=torch.float64, device=logits.device) * total
+    target = torch.minimum(target, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target, right=True)
 
 
 class _Decoder:

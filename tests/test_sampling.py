@@ -102,6 +102,13 @@ def test_draws_follow_the_filtered_distribution():
     assert torch.allclose(freq, expected, atol=0.01), (freq, expected)
 
 
+def test_a_draw_never_lands_on_a_filtered_token_even_at_the_ends_of_the_uniform(monkeypatch):
+    logits = torch.tensor([[float("-inf"), 0.0, float("-inf"), 1.0, float("-inf")]] * 3)
+    uniforms = torch.tensor([[0.0], [1.0 - 2.0 ** -53], [1.0]], dtype=torch.float64)  # 1.0: a rounding-up's worst case
+    monkeypatch.setattr(sampling.torch, "rand", lambda *a, **k: uniforms)
+    assert sampling.draw(logits, None).squeeze(1).tolist() == [1, 3, 3]
+
+
 @pytest.mark.parametrize("family", ["t5", "llama"])
 def test_k_samples_share_one_prefill_and_are_seeded(family, tiny_tokenizer):
     model, encoder = _model(family), _encoder(tiny_tokenizer, family)
