@@ -3,6 +3,7 @@
     python benchmarks/vs_trl.py                   # 100 optimizer steps per run, 2 rounds (dskd/TRL order swapped)
     python benchmarks/vs_trl.py --quick           # 20 steps, 1 round: ~3 minutes once the teacher is cached
     python benchmarks/vs_trl.py --rounds 3 --threads 0    # 3 rounds, torch's default threads (one per core)
+    python benchmarks/vs_trl.py --micro-batch 16  # 4x the rows per micro-batch (both sides)
 
 Needs `pip install trl` (the `bench` extra). The first run builds the task, the tokenizer and the teacher (60
 fine-tuning steps, about 3 minutes on our 2-core machine) into --workdir; later runs reuse them.
@@ -20,8 +21,8 @@ Setup, shared by both sides (built once, cached under --workdir):
   cut to 64 tokens, target to 24); TRL gets those same ids through a collator (right-padded sequence, labels -100
   outside the target, left-padded prompts for its generate()), so both train on identical token sequences (data
   order differs: each side shuffles with its own sampler and seed 42);
-- training: micro-batch 4, grad accumulation 2, --steps optimizer steps, AdamW lr 5e-4, betas (0.9, 0.999),
-  eps 1e-8, weight decay 0, no warmup, linear decay to 0, gradient clipping 1.0; loss normalized by the step's
+- training: micro-batch 4 (--micro-batch), grad accumulation 2, --steps optimizer steps, AdamW lr 5e-4, betas
+  (0.9, 0.999), eps 1e-8, weight decay 0, no warmup, linear decay to 0, gradient clipping 1.0; loss normalized by the step's
   target-token count on both sides (TRL: num_items_in_batch, counted on the gold labels before any on-policy
   sampling replaces them). AdamW implementations are each side's default: torch.optim.AdamW under dskd's
   DeepSpeed ZeRO-0 engine, transformers' adamw_torch_fused for TRL (no DeepSpeed: plain Trainer on the CPU);
@@ -420,8 +421,9 @@ def run_child(side: str, mode: str, paths: dict[str, Path], steps: int, workdir:
         cmd = [sys.executable, __file__, "--child", "dskd", "--recipe", recipe, "--report", str(report)]
         model_dir = out_dir / "students" / mode / "model"
     else:
-        cmd = [sys.executable, __file__, "--child", "trl", "--mode", mode, "--steps", str(steps), "--out",
-               str(out_dir), "--report", str(report), "--paths", json.dumps({k: str(v) for k, v in paths.items()})]
+        cmd = [sys.executable, __file__, "--child", "trl", "--micro-batch", str(MBS), "--mode", mode, "--steps",
+               str(steps), "--out", str(out_dir), "--report", str(report),
+               "--paths", json.dumps({k: str(v) for k, v in paths.items()})]
         model_dir = out_dir / "model"
     log = out_dir.with_suffix(".log")
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
@@ -456,6 +458,7 @@ def summarize(run: dict, warmup: int) -> dict:
 
 
 def main() -> None:
+    global MBS  # --micro-batch: the children and the recipe read it
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=100, help="optimizer steps per run")
     parser.add_argument("--rounds", type=int, default=2, help="rounds of the four runs (dskd/TRL order swapped)")
@@ -464,6 +467,8 @@ def main() -> None:
     parser.add_argument("--modes", default="offline,onpolicy")
     parser.add_argument("--vocab", type=int, default=VOCAB, help="BPE vocabulary trained for the task (the models' "
                         "vocabulary); 4096 is the toy size of earlier runs")
+    parser.add_argument("--micro-batch", type=int, default=MBS, help="rows per micro-batch, both sides (the "
+                        "step is 2 micro-batches)")
     parser.add_argument("--quick", action="store_true", help="20 steps, 1 round")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of both sides (OMP_NUM_THREADS; "
                         "0: torch's default, one per core)")
@@ -475,6 +480,7 @@ def main() -> None:
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--paths", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    MBS = args.micro_batch
     workdir = Path(args.workdir)
     if args.child == "dskd":
         dskd_child(args.recipe, args.report)

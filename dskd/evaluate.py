@@ -14,9 +14,7 @@ from collections import Counter
 from dataclasses import dataclass, replace
 from typing import Sequence
 
-import sacrebleu
 import torch
-from rouge_score import rouge_scorer
 
 from dskd.data.collate import Encoder
 from dskd.generation import DecodingConfig, decode_texts, generate_batch, generate_ids, generation_config
@@ -32,6 +30,8 @@ def task_metrics(predictions: Sequence[str], references: Sequence[str]) -> dict[
     """Mean ROUGE-1/2/L F-measure x 100 (stemmed) and corpus SacreBLEU."""
     per_example = _fmeasures(predictions, references)
     metrics = {kind: 100.0 * sum(scores) / len(predictions) for kind, scores in per_example.items()}
+    import sacrebleu  # here, like rouge_score below: a process that only trains never loads them (~70 MiB)
+
     metrics["bleu"] = sacrebleu.corpus_bleu(list(predictions), [list(references)]).score
     return metrics
 
@@ -46,6 +46,8 @@ def _fmeasures(predictions: Sequence[str], references: Sequence[str]) -> dict[st
         raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
     if not predictions:
         raise ValueError("no predictions to score")
+    from rouge_score import rouge_scorer  # rouge-score pulls in nltk (~60 MiB): loaded when something is scored
+
     scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
     scores = [scorer.score(reference, prediction) for prediction, reference in zip(predictions, references)]
     return {kind: [s[kind].fmeasure for s in scores] for kind in ROUGE_TYPES}

@@ -2,7 +2,8 @@
 
 Contracts:
   - matplotlib's Agg canvas is used directly (no pyplot): no global backend switch, no display needed, no figure
-    state shared between calls; every PNG is written atomically (`dskd.atomic`), so a reader never sees half.
+    state shared between calls; every PNG is written atomically (`dskd.atomic`), so a reader never sees half;
+    matplotlib is imported on the first drawing, so a training process does not hold it through the run.
   - `write_*` functions return the path written, or None when there is nothing to draw; they raise on failure.
   - `log_loss_curves` is the training stages' hook: it runs at the end of a stage and also when training stops
     early (preemption checkpoint, divergence), so it never raises — a failed plot is a warning, the training
@@ -20,14 +21,15 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import mlflow
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from dskd.atomic import atomic_write
 from dskd.tracking import Tracker
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +39,18 @@ LOGGED_LOSSES = ("train/kd", "train/ce")
 Series = tuple[Sequence[int], Sequence[float]]  # steps, values
 
 
+def new_figure(figsize: tuple[float, float]) -> Figure:
+    """An Agg-ready figure. matplotlib is imported here, not at module load: a training process draws its curves
+    once, at the end, and need not carry matplotlib's ~25 MiB through the run."""
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=figsize)
+
+
 def save_png(fig: Figure, path: Path) -> Path:
     """Render `fig` with the Agg canvas and write it atomically to `path` (parents created)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
     FigureCanvasAgg(fig)
     atomic_write(Path(path), lambda handle: fig.savefig(handle, format="png", dpi=DPI, bbox_inches="tight"))
     return Path(path)
@@ -58,7 +70,7 @@ def phase_spans(phases: Sequence[tuple[str, int]]) -> list[tuple[str, int, int]]
 
 def loss_curves_figure(series: dict[str, Series], phases: Sequence[tuple[str, int]], title: str) -> Figure:
     """One line per loss series against the optimizer step, phase boundaries marked and phases named."""
-    fig = Figure(figsize=SIZE)
+    fig = new_figure(figsize=SIZE)
     ax = fig.add_subplot()
     for label, (steps, values) in series.items():
         ax.plot(steps, values, label=label, linewidth=1.6 if label == "train/loss" else 1.1,
@@ -138,7 +150,7 @@ def model_label(name: str, metrics: dict[str, float]) -> str:
 
 def quality_latency_figure(results: dict[str, dict[str, float]], title: str) -> Figure:
     """ROUGE-L against latency, a labeled point per timed model, the untimed baselines as horizontal lines."""
-    fig = Figure(figsize=SIZE)
+    fig = new_figure(figsize=SIZE)
     ax = fig.add_subplot()
     timed = {n: m for n, m in results.items() if "latency_ms_mean" in m and "rougeL" in m}
     for i, (name, m) in enumerate(timed.items()):
@@ -176,7 +188,7 @@ Band = tuple[Sequence[int], Sequence[float], Sequence[float], Sequence[float]]  
 def study_curves_figure(curves: dict[str, Band], levels: dict[str, float], title: str, ylabel: str) -> Figure:
     """One line per variant (mean over seeds) with a shaded band (its low..high over seeds) against the optimizer
     step; `levels` (teacher, baseline) as labeled horizontal lines."""
-    fig = Figure(figsize=(10.0, 6.0))
+    fig = new_figure(figsize=(10.0, 6.0))
     ax = fig.add_subplot()
     for name, (steps, mean, low, high) in curves.items():
         line, = ax.plot(steps, mean, marker="o", markersize=3, linewidth=1.6, label=name)
@@ -194,7 +206,7 @@ def study_curves_figure(curves: dict[str, Band], levels: dict[str, float], title
 def quality_throughput_figure(points: dict[str, tuple[float, float, float]], title: str, xlabel: str,
                               ylabel: str) -> Figure:
     """A point per model: (throughput, quality mean, quality spread); the teacher drawn as a star."""
-    fig = Figure(figsize=SIZE)
+    fig = new_figure(figsize=SIZE)
     ax = fig.add_subplot()
     for i, (name, (x, y, spread)) in enumerate(points.items()):
         marker = "*" if name == "teacher" else "o"

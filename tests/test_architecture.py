@@ -3,12 +3,15 @@
 Layers, top to bottom: `dskd.cli` -> `dskd.stages.*` (teacher/distill, generate, evaluate, demo) -> components
 (trainer, teachers, joint_teaching, student, objectives, engines, losses, data, ...). Imports under
 `if TYPE_CHECKING:` are annotations only and do not count. Run `python tests/test_architecture.py` to print the
-graph's layers and the longest functions.
+graph's layers and the longest functions. A training process does not load the scoring and plotting libraries
+(they are imported where something is scored or drawn): they are resident memory for the whole run.
 """
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "dskd"
@@ -104,6 +107,14 @@ def test_components_never_import_a_stage_or_the_cli():
 def test_the_cli_is_the_only_importer_of_the_cli():
     graph = import_graph()
     assert sorted(m for m, targets in graph.items() if "dskd.cli" in targets) == ["dskd.__main__"]
+
+
+def test_a_training_process_does_not_load_the_scoring_and_plotting_stack():
+    heavy = ("rouge_score", "nltk", "sacrebleu", "matplotlib", "scipy.stats", "sklearn")
+    code = ("import sys; import dskd.cli, dskd.stages.train, dskd.trainer, dskd.teachers; "
+            f"print(sorted(m for m in {heavy!r} if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
 
 
 def test_the_readme_layout_names_every_module():
