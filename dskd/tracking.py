@@ -446,6 +446,23 @@ class Tracker:
         self.run_id = previous
         self._end(run_id, "FINISHED")
 
+    def close_abandoned(self, run_id: str, replaced_by: str) -> bool:
+        """Mark `run_id` KILLED (tag `dskd.replaced_by`) if it is still RUNNING: a process killed by SIGKILL or a
+        lost node never ends its run, and a stage that starts over opens a new one. True if it was closed. Never
+        raises: a stale run's status is not worth stopping a training start for."""
+        if not self.active or not run_id or run_id == replaced_by:
+            return False
+        try:
+            with _short_http():
+                if self._client.get_run(run_id).info.status != "RUNNING":
+                    return False
+                self._client.set_tag(run_id, "dskd.replaced_by", replaced_by)
+                self._client.set_terminated(run_id, status="KILLED")
+            return True
+        except Exception as exc:
+            log.warning("MLflow: could not close the abandoned run %s: %s", run_id, _brief(exc))
+            return False
+
     def _end(self, run_id: str, status: str) -> None:
         """Flush the run's buffer and terminate it, or buffer the end and say what is left where."""
         end_time = int(time.time() * 1000)

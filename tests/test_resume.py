@@ -76,6 +76,39 @@ def test_sigkill_then_resume_reproduces_uninterrupted_losses(tiny_task, tmp_path
         assert seen == reference[step], (step, seen, reference[step], sorted(values.items()), sorted(reference.items()))
 
 
+def test_a_run_left_running_by_a_killed_process_is_closed_by_the_next_start(tiny_task, tmp_path):
+    out = tmp_path / "out"
+    recipes = {}
+    for name, epochs in (("long", 200), ("short", 1)):  # the second start: same directory, a recipe that ends soon
+        recipe = tiny_recipe(tiny_task, out, teacher={"finetune": False},
+                             distill={"epochs": epochs, "sources": ["gold"], "student_pt_ratio": 0.0,
+                                      "save_every": 0, "eval_examples": 0})
+        recipes[name] = tmp_path / f"{name}.yaml"
+        recipes[name].write_text(yaml.safe_dump(recipe))
+    proc = _distill(recipes["long"])
+    marker = out / "students" / "student" / "RUN.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not marker.is_file():
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stdout.read()[-3000:]
+    proc.send_signal(signal.SIGKILL)  # no chance to end its MLflow run
+    proc.wait()
+    client = mlflow.MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    (killed,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
+    assert killed.info.status == "RUNNING"
+
+    rerun = _distill(recipes["short"])
+    output = rerun.communicate(timeout=600)[0]
+    assert rerun.returncode == 0, output[-3000:]
+    runs = {r.info.run_id: r for r in client.search_runs([client.get_experiment_by_name("tests").experiment_id])}
+    assert len(runs) == 2
+    (new_id,) = set(runs) - {killed.info.run_id}
+    assert runs[killed.info.run_id].info.status == "KILLED"
+    assert runs[killed.info.run_id].data.tags["dskd.replaced_by"] == new_id
+    assert runs[new_id].info.status == "FINISHED"
+    assert f"MLflow run {killed.info.run_id} was left RUNNING by a killed process" in output
+
+
 @pytest.mark.slow
 def test_usr1_during_generation_exits_75_and_rerun_completes_without_loss_or_duplicates(tiny_task, tmp_path):
     from dskd.data.pt_store import PTStore

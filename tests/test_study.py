@@ -233,10 +233,13 @@ def test_quick_study_writes_report_pictures_and_mlflow_parent_with_a_child_per_c
             assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
             children.setdefault(run.data.tags["dskd.study.cell"], []).append(run)
     assert set(children) == {f"{v}-seed{s}" for v in ("finetune", "joint_teaching", "diverges") for s in (1, 2)}
+    assert [r.info.run_name for r in runs if r.info.status == "RUNNING"] == []  # the killed cell's run was closed
+    replaced = {r.info.run_id: r.data.tags.get("dskd.replaced_by") for r in runs if r.info.status == "KILLED"}
+    assert all(new in {r.info.run_id for r in runs} for new in replaced.values())
     finished = {cell: [r for r in found if r.info.status == "FINISHED"] for cell, found in children.items()}
     for cell, found in finished.items():
         if cell.startswith("diverges"):
-            assert all(r.info.status == "FAILED" for r in children[cell])
+            assert all(r.info.status == "FAILED" or r.info.run_id in replaced for r in children[cell])
         else:
             assert len(found) == 1 and found[0].data.tags["dskd.study.variant"] == cell.split("-seed")[0]
             assert "study/dev/rougeL" in found[0].data.metrics
