@@ -197,6 +197,10 @@ def _preflight(recipe: Recipe, stage: str) -> None:
     """Check, before the heavy imports, what the stage reads: the data files (present, first rows parse, the
     recipe's fields there) and the model and tokenizer paths (README: "Stages"). Reads a few rows and stats a
     few paths; without it the same errors came after ~30 s of imports and process-group start-up."""
+    if stage == "teacher" and not recipe.teacher.finetune:
+        raise ConfigError("teacher.finetune is false, so no later stage would read what `dskd teacher` trains (they "
+                          "use teacher.path as it is). Set teacher.finetune=true to fine-tune the teacher on "
+                          "data.labeled, or skip this stage")
     check_data_files(recipe.data)
     for role, weights, tokenizer in _model_inputs(recipe, stage):
         check_model_source(getattr(recipe, role), role, weights=weights, tokenizer=tokenizer)

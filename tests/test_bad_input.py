@@ -127,6 +127,16 @@ def test_recipe_path_and_schema_errors_are_one_line_exit_2_before_heavy_imports(
         assert seconds < 20, f"{name}: {seconds:.1f} s"  # ~1 s on a quiet machine; generous for a loaded one
 
 
+def test_the_teacher_stage_without_teacher_finetune_is_refused_before_anything_loads(tmp_path, tiny_task):
+    recipe = json.loads(json.dumps(BASE).replace("TOK", str(tiny_task / "tokenizer")))
+    recipe["data"]["labeled"] = str(_user_data(tmp_path))
+    recipe["run"] = {"output_dir": str(tmp_path / "out")}
+    rc, stderr, _, heavy = _run_cli("teacher", "--config", str(_write_recipe(tmp_path, recipe)), cwd=tmp_path)
+    assert rc == 2, stderr[-3000:]
+    assert "dskd: error: teacher.finetune is false" in stderr and "teacher.finetune=true" in stderr
+    assert heavy == [] and not (tmp_path / "out").exists()
+
+
 def test_a_data_error_past_the_first_rows_is_the_same_one_line_exit_2(tmp_path, tiny_task):
     """Rows beyond the preflight's first ones are checked when the split loads (after torch): same presentation."""
     rows = [json.dumps({"src": f"def f{i}(): pass", "tgt": f"Do {i}."}) for i in range(12)]
@@ -136,6 +146,7 @@ def test_a_data_error_past_the_first_rows_is_the_same_one_line_exit_2(tmp_path, 
     recipe = json.loads(json.dumps(BASE).replace("TOK", str(tiny_task / "tokenizer")))
     recipe["data"]["labeled"] = str(data)
     recipe["run"] = {"output_dir": str(tmp_path / "out")}
+    recipe["teacher"]["finetune"] = True
     rc, stderr, _, _ = _run_cli("teacher", "--config", str(_write_recipe(tmp_path, recipe)), cwd=tmp_path)
     assert rc == 2, stderr[-3000:]
     assert "Traceback" not in stderr and "[rank0]" not in stderr, stderr[-3000:]
