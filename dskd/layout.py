@@ -1,15 +1,13 @@
 """Where a run's files live: one output directory per recipe, one folder per stage.
 
     <run.output_dir>/
-      teacher/model, teacher/checkpoints, teacher/{DONE,RUN}.json `dskd teacher`
+      teacher/model, teacher/checkpoints, teacher/DONE.json      `dskd teacher`
       pts/ (or generate.output)                                   `dskd generate` (the PT store)
-      students/<student.name>/{model,checkpoints,DONE.json,RUN.json}  `dskd distill`
+      students/<student.name>/{model,checkpoints,DONE.json}       `dskd distill`
       mlflow.db                                                   tracking (unless a server is configured)
 
 A finished training stage writes DONE.json with its *stage key*, a hash of everything its result depends on;
-a rerun with the same key reuses the result. RUN.json names the MLflow run the stage's last start opened, so a
-start after a process that was killed without ending its run can close that run. Every module that needs one of
-these paths asks this one.
+a rerun with the same key reuses the result. Every module that needs one of these paths asks this one.
 """
 
 from __future__ import annotations
@@ -24,7 +22,6 @@ from dskd.config import ConfigError, Recipe
 
 Stage = Literal["teacher", "distill"]
 DONE = "DONE.json"
-RUN = "RUN.json"
 
 
 def stage_dir(recipe: Recipe, stage: Stage) -> Path:
@@ -86,16 +83,6 @@ def read_done(directory: Path, key: str) -> dict | None:
 
 def write_done(directory: Path, record: dict) -> None:
     atomic_write_text(Path(directory) / DONE, json.dumps(record, indent=2))
-
-
-def last_run_id(directory: Path) -> str | None:
-    """The MLflow run the stage in `directory` opened when it last started (RUN.json), if any."""
-    marker = Path(directory) / RUN
-    return json.loads(marker.read_text()).get("run_id") if marker.is_file() else None
-
-
-def record_run_id(directory: Path, run_id: str) -> None:
-    atomic_write_text(Path(directory) / RUN, json.dumps({"run_id": run_id}))
 
 
 def clear_done_markers(output_dir: Path) -> None:

@@ -2,7 +2,9 @@
 
 Every stage is a run; a pipeline (`dskd demo`) is a parent run with one child run per stage. The store is
 the sqlite file `<output_dir>/mlflow.db` unless the recipe or MLFLOW_TRACKING_URI names a server.
-Other ranks get a tracker whose methods do nothing, so call sites need no rank checks.
+Other ranks get a tracker whose methods do nothing, so call sites need no rank checks. A process killed
+outright cannot end its run: the next run of the same name opened in the same output directory marks it KILLED
+(tag `dskd.replaced_by`), whatever the stage (`<output_dir>/.mlflow-runs/<name>.json` remembers the last one).
 
 Tracking-server outages. A server that is unreachable when a run opens is an error (`TrackingUnavailable`,
 naming the URI). One that goes away while a run is open does not stop training or generation:
@@ -33,6 +35,7 @@ import importlib.metadata as md
 import json
 import logging
 import os
+import re
 import sys
 import time
 from contextlib import contextmanager, nullcontext
@@ -51,6 +54,7 @@ import requests
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException, RestException
 
+from dskd.atomic import atomic_write_text
 from dskd.config import ConfigError, DataConfig, Recipe, TrackingConfig, flatten, to_yaml
 
 if _MLFLOW_LEVEL_IS_OURS and logging.getLogger("mlflow").level < logging.WARNING:  # imported before us
@@ -59,6 +63,7 @@ if _MLFLOW_LEVEL_IS_OURS and logging.getLogger("mlflow").level < logging.WARNING
 log = logging.getLogger(__name__)
 
 BUFFER_DIR = ".mlflow-buffer"
+LAST_RUNS_DIR = ".mlflow-runs"  # <name>.json: the run a start of that name last opened in this output directory
 
 # The HTTP settings of the calls a run makes while it trains (metrics, params, tags, text and table artifacts,
 # run status; file and model uploads, which may legitimately take long, only for a probing request first):
@@ -423,12 +428,15 @@ class Tracker:
         all_tags = dict(tags or {})
         if parent_id:
             all_tags["mlflow.parentRunId"] = parent_id
+        created = run_id is None
         with self._reachable(f"open the MLflow run '{name}'"):
             if run_id:
                 self._client.update_run(run_id, status="RUNNING")
                 self._client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in all_tags.items()])
             else:
                 run_id = self._client.create_run(self.experiment_id, run_name=name, tags=all_tags).info.run_id
+        if created:
+            self._replace_abandoned(name, run_id)
         self._names[run_id] = name
         previous, self.run_id = self.run_id, run_id
         if self.buffer.pending(run_id):  # a resumed run's leftovers from an outage before it stopped
@@ -446,22 +454,24 @@ class Tracker:
         self.run_id = previous
         self._end(run_id, "FINISHED")
 
-    def close_abandoned(self, run_id: str, replaced_by: str) -> bool:
-        """Mark `run_id` KILLED (tag `dskd.replaced_by`) if it is still RUNNING: a process killed by SIGKILL or a
-        lost node never ends its run, and a stage that starts over opens a new one. True if it was closed. Never
-        raises: a stale run's status is not worth stopping a training start for."""
-        if not self.active or not run_id or run_id == replaced_by:
-            return False
+    def _replace_abandoned(self, name: str, run_id: str) -> None:
+        """A process killed outright (SIGKILL, a lost node) never ends its run, and a stage that starts over opens
+        a new one: the run of this name that the last start in this output directory opened is marked KILLED
+        (tag `dskd.replaced_by`) if it is still RUNNING, and this run is remembered in its place. Never raises: a
+        stale run's status is not worth stopping a start for."""
+        marker = self.output_dir / LAST_RUNS_DIR / f"{re.sub(r'[^A-Za-z0-9._-]', '_', name)}.json"
         try:
-            with _short_http():
-                if self._client.get_run(run_id).info.status != "RUNNING":
-                    return False
-                self._client.set_tag(run_id, "dskd.replaced_by", replaced_by)
-                self._client.set_terminated(run_id, status="KILLED")
-            return True
+            previous = json.loads(marker.read_text())["run_id"] if marker.is_file() else None
+            if previous and previous != run_id:
+                with _short_http():
+                    if self._client.get_run(previous).info.status == "RUNNING":
+                        self._client.set_tag(previous, "dskd.replaced_by", run_id)
+                        self._client.set_terminated(previous, status="KILLED")
+                        log.warning("MLflow run %s was left RUNNING by a killed process; marked KILLED (replaced "
+                                    "by %s, '%s')", previous, run_id, name)
+            atomic_write_text(marker, json.dumps({"run_id": run_id}))
         except Exception as exc:
-            log.warning("MLflow: could not close the abandoned run %s: %s", run_id, _brief(exc))
-            return False
+            log.warning("MLflow: could not check the last '%s' run in %s: %s", name, self.output_dir, _brief(exc))
 
     def _end(self, run_id: str, status: str) -> None:
         """Flush the run's buffer and terminate it, or buffer the end and say what is left where."""

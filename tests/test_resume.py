@@ -86,7 +86,7 @@ def test_a_run_left_running_by_a_killed_process_is_closed_by_the_next_start(tiny
         recipes[name] = tmp_path / f"{name}.yaml"
         recipes[name].write_text(yaml.safe_dump(recipe))
     proc = _distill(recipes["long"])
-    marker = out / "students" / "student" / "RUN.json"
+    marker = out / ".mlflow-runs" / "distill-student.json"  # written once the run is open
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None and not marker.is_file():
         time.sleep(0.05)

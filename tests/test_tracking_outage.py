@@ -367,3 +367,28 @@ def test_server_killed_and_restarted_mid_distill_loses_no_step(tiny_task, tmp_pa
         if distill is not None and distill.poll() is None:
             distill.kill()
         _stop(server)
+
+
+def test_a_run_its_process_never_ended_is_closed_by_the_next_run_of_that_name(tmp_path):
+    """Any stage: the run a killed process left RUNNING is marked KILLED when the same name opens again here."""
+    cfg = TrackingConfig(experiment="tests", uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    dies = ("import os, sys\nfrom pathlib import Path\nfrom dskd.config import TrackingConfig\n"
+            "from dskd.tracking import Tracker\n"
+            f"opened = Tracker(TrackingConfig(experiment='tests', uri={cfg.uri!r}), Path({str(tmp_path)!r}))"
+            ".run('generate')\nprint(opened.__enter__().run_id, flush=True)\nos._exit(0)  # no cleanup, like SIGKILL\n")
+    out = subprocess.run([sys.executable, "-c", dies], capture_output=True, text=True, check=True, timeout=300)
+    first = out.stdout.split()[-1]
+    client = mlflow.MlflowClient(cfg.uri)
+    assert client.get_run(first).info.status == "RUNNING"
+    with Tracker(cfg, tmp_path).run("evaluate") as run:  # another name: not its business
+        other = run.run_id
+    assert client.get_run(first).info.status == "RUNNING"
+    with Tracker(cfg, tmp_path).run("generate") as run:
+        second = run.run_id
+    assert client.get_run(first).info.status == "KILLED"
+    assert client.get_run(first).data.tags["dskd.replaced_by"] == second
+    assert client.get_run(other).info.status == "FINISHED"
+    with Tracker(cfg, tmp_path).run("generate"):  # a finished run is left as it is
+        pass
+    assert client.get_run(second).info.status == "FINISHED"
+    assert "dskd.replaced_by" not in client.get_run(second).data.tags

@@ -32,17 +32,7 @@ from dskd.engines import DistInfo, create_student_engine, init_distributed, stud
 from dskd.evaluate import evaluate_generations
 from dskd.generation import DecodingConfig, generate_ids
 from dskd.joint_teaching import JointTeaching
-from dskd.layout import (
-    Stage,
-    last_run_id,
-    pt_store_dir,
-    read_done,
-    record_run_id,
-    stage_dir,
-    stage_key,
-    teacher_model_path,
-    write_done,
-)
+from dskd.layout import Stage, pt_store_dir, read_done, stage_dir, stage_key, teacher_model_path, write_done
 from dskd.models import (
     DTYPES,
     build_model,
@@ -263,7 +253,6 @@ class TrainingStage:
                              tags={**self._tags(), **(tags or {})}) as run:
                 if state.run_id is None:
                     self._log_start(run)
-                    self._close_abandoned_run(run)
                 state.run_id = run.run_id
                 ctx = TrainContext(self.encoder, dist, self.train_cfg, run, self.out_dir / "checkpoints",
                                    label=self.stage, dev_metrics=self.dev_metrics)
@@ -277,17 +266,6 @@ class TrainingStage:
                     state.dev_history.append({"step": state.step, **final})
                 model_dir = self.export(run, state, final)
         return StageResult(model_dir, state.run_id, state.step, state.losses, final, dev_history=state.dev_history)
-
-    def _close_abandoned_run(self, run: Tracker) -> None:
-        """A fresh start in a directory whose last start's run is still RUNNING (that process was killed before it
-        could end it, or before its first checkpoint) marks that run KILLED, pointing at this one."""
-        if not self.dist.is_main or run.run_id is None:
-            return
-        previous = last_run_id(self.out_dir)
-        if previous and run.close_abandoned(previous, run.run_id):
-            print(f"[dskd] {self.stage}: MLflow run {previous} was left RUNNING by a killed process; marked KILLED "
-                  f"(replaced by {run.run_id})")
-        record_run_id(self.out_dir, run.run_id)
 
     def _plot_losses(self, run: Tracker, state: TrainState) -> None:
         """`loss_curves.png` in the stage directory, logged to the run (rank 0; never raises)."""
