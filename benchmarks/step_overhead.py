@@ -6,13 +6,13 @@
 
 The shapes of benchmarks/vs_trl.py: Llama teacher 8 layers x 384 / student 4 layers x 128 from configs (random
 weights), the docstring task's locally trained BPE (--vocab, default 32000, of which the corpus yields 21661 tokens:
-30.8M / 6.4M parameters; 4096: 17.3M / 1.9M), fp32, 2 micro-batches of 16 gold pairs (vs_trl.MBS) from the
-docstring task (input <= 64 tokens, target <= 24), forward KL at temperature 1, AdamW lr 5e-4, gradient clipping 1.0. All in one
-process; every candidate runs once per repeat, round-robin, always on the same two micro-batches. Each ratio is the
-median over repeats of that repeat's ratio (the parts of one ratio run seconds apart, so drift on the shared machine
-cancels); the medians of the times are printed too. One torch thread by default (--threads): on a machine whose
-cores other processes are using, two-thread OpenMP regions wait at their barriers for a descheduled thread and a
-step swung from 0.15 s to 10 s between repeats in our runs; one thread gave repeat-to-repeat spreads of ~10%.
+30.8M / 6.4M parameters; 4096: 17.3M / 1.9M), fp32, 2 micro-batches of 16 gold pairs (vs_trl.MBS) from the docstring
+task (input <= 64 tokens, target <= 24), forward KL at temperature 1, AdamW lr 5e-4, gradient clipping 1.0. All in
+one process; every candidate runs once per repeat, round-robin, always on the same two micro-batches. Each ratio is
+the median over repeats of that repeat's ratio (the parts of one ratio run seconds apart, so drift on the shared
+machine cancels); the medians of the times are printed too. One torch thread by default (--threads): on a machine
+whose cores other processes are using, two-thread OpenMP regions wait at their barriers for a descheduled thread and
+a step swung from 0.15 s to 10 s between repeats in our runs; one thread gave repeat-to-repeat spreads of ~10%.
 
 - kd: one optimizer step of dskd's loop, `Trainer.train_step`, built as tests/test_trainer.py builds it: a
   DeepSpeed ZeRO-0 fp32 student engine around `StudentWithLoss`, a `LocalTeacher` placed on its eval-only engine,

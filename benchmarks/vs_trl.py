@@ -21,11 +21,11 @@ Setup, shared by both sides (built once, cached under --workdir):
   cut to 64 tokens, target to 24); TRL gets those same ids through a collator (right-padded sequence, labels -100
   outside the target, left-padded prompts for its generate()), so both train on identical token sequences (data
   order differs: each side shuffles with its own sampler and seed 42);
-- training: micro-batch 16 (--micro-batch), grad accumulation 2, --steps optimizer steps, AdamW lr 5e-4, betas
-  (0.9, 0.999), eps 1e-8, weight decay 0, no warmup, linear decay to 0, gradient clipping 1.0; loss normalized by the step's
-  target-token count on both sides (TRL: num_items_in_batch, counted on the gold labels before any on-policy
-  sampling replaces them). AdamW implementations are each side's default: torch.optim.AdamW under dskd's
-  DeepSpeed ZeRO-0 engine, transformers' adamw_torch_fused for TRL (no DeepSpeed: plain Trainer on the CPU);
+- training: micro-batch 16 (--micro-batch), grad accumulation 2, --steps optimizer steps, AdamW lr 5e-4, betas (0.9,
+  0.999), eps 1e-8, weight decay 0, no warmup, linear decay to 0, gradient clipping 1.0; loss normalized by the
+  step's target-token count on both sides (TRL: num_items_in_batch, counted on the gold labels before any on-policy
+  sampling replaces them). AdamW implementations are each side's default: torch.optim.AdamW under dskd's DeepSpeed
+  ZeRO-0 engine, transformers' adamw_torch_fused for TRL (no DeepSpeed: plain Trainer on the CPU);
 - one torch thread per process by default (--threads): on a 2-core machine shared with other jobs, two-thread
   OpenMP regions wait at barriers for a descheduled thread, and one optimizer step swung from 0.15 s to 10 s
   between repetitions in our runs; with one thread the spread was ~10%. Both sides always get the same setting.
