@@ -7,6 +7,15 @@ exit 2) that names the file, line, the recipe key (`data.input_field`, ...) and 
 input or target is skipped and counted in the `LoadReport` (which the pipeline prints and logs), never
 dropped silently. JSONL is parsed line by line so that errors can point at the exact line.
 
+Text files (JSONL, JSON, CSV) are UTF-8, with or without a byte-order mark (Excel's "CSV UTF-8" writes one; it is
+not part of the first column's name). A byte that is not UTF-8 is a `DataError` naming the file, the line and
+column it is on and what to do (re-save as UTF-8), never a decoder traceback with a byte offset. Lines are
+counted as an editor shows them, from 1 (a CRLF or a lone CR ends a line too). CSV is read with the standard
+`csv` module, all fields as text, the first non-blank line naming the columns; blank lines are not records; a
+record may span lines (a quoted newline), and its errors name the line where it starts; malformed quoting
+(a quote never closed), a record with more fields than the header and a column named twice are errors, a
+record with fewer fields has the missing ones empty.
+
 `check_data_files` is the preflight: every file the recipe's data section names exists and its first rows
 have the recipe's fields. It reads a few rows with the standard library (pyarrow for Parquet), so the CLI runs
 it before torch, datasets or pandas load; those are imported inside the functions that load whole splits.
@@ -14,6 +23,7 @@ it before torch, datasets or pandas load; those are imported inside the function
 
 from __future__ import annotations
 
+import codecs
 import csv
 import itertools
 import json
@@ -26,13 +36,14 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from dskd.config import ConfigError, DataConfig
 
-if TYPE_CHECKING:  # heavy (datasets ~3 s, pandas ~1 s): imported where whole splits are loaded
+if TYPE_CHECKING:  # heavy (datasets ~3 s): imported where whole splits are loaded
     import datasets
-    import pandas as pd
 
 FILE_FORMATS = (".jsonl", ".json", ".csv", ".parquet")
 SPLITS = ("labeled", "unlabeled", "dev", "test")
 PEEK_ROWS = 5  # rows the preflight reads from each file
+TEXT_ENCODING = "utf-8-sig"  # UTF-8; a leading byte-order mark is dropped, not read as text
+CSV_FIELD_LIMIT = 2**31 - 1  # characters: the csv module's default (128 KiB) would reject long documents
 _KEYS = {"input": "data.input_field", "target": "data.target_field", "id": "data.id_field"}
 
 
@@ -158,13 +169,12 @@ def _rows(source: str, split: str, hf_split: str | None, hf_config: str | None,
             return _jsonl_rows(path, fields)
         if suffix == ".json":
             return _json_array_rows(path)
+        if suffix == ".csv":
+            return ((f"{path}:{line}", i, row) for i, (line, row) in enumerate(_csv_records(path)))
         import pandas as pd
 
-        if suffix == ".csv":  # header is line 1: row i sits on line i + 2
-            frame = pd.read_csv(path, dtype=str, keep_default_na=False)  # keep "NA"/"null" as text
-            return ((f"{path}:{i + 2}", i, row) for i, row in enumerate(_frame_records(frame)))
         frame = pd.read_parquet(path)
-        return ((f"{path} row {i}", i, row) for i, row in enumerate(_frame_records(frame)))
+        return ((f"{path} row {i}", i, row) for i, row in enumerate(frame.to_dict(orient="records")))
     if _missing_file(path):
         raise DataError(f"{source}: file not found; check the path in the recipe")
     dataset = _load_dataset(source, split, hf_split, hf_config)
@@ -210,7 +220,7 @@ def _load_dataset(source: str, split: str, hf_split: str | None, hf_config: str 
 def _is_json_array(path: Path) -> bool:
     with path.open("rb") as handle:
         for chunk in iter(lambda: handle.read(64), b""):
-            stripped = chunk.lstrip()
+            stripped = chunk.removeprefix(codecs.BOM_UTF8).lstrip()  # a BOM can only be first
             if stripped:
                 return stripped.startswith(b"[")
     return False
@@ -218,8 +228,8 @@ def _is_json_array(path: Path) -> bool:
 
 def _jsonl_rows(path: Path, fields: _Fields) -> Iterator[tuple[str, int, Any]]:
     row_number = 0
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
+    with path.open(encoding=TEXT_ENCODING) as handle:
+        for line_number, line in enumerate(_decoded(path, handle), start=1):
             if not line.strip():
                 continue  # blank lines are not records
             where = f"{path}:{line_number}"
@@ -234,15 +244,88 @@ def _jsonl_rows(path: Path, fields: _Fields) -> Iterator[tuple[str, int, Any]]:
 
 def _json_array_rows(path: Path) -> Iterator[tuple[str, int, Any]]:
     try:
-        rows = json.loads(path.read_text(encoding="utf-8"))
+        rows = json.loads(path.read_text(encoding=TEXT_ENCODING))
+    except UnicodeDecodeError:
+        raise _not_utf8(path) from None
     except json.JSONDecodeError as error:
         raise DataError(f"{path}:{error.lineno}: invalid JSON ({error.msg} at column {error.colno})") from error
     for i, row in enumerate(rows):
         yield f"{path} item {i}", i, row
 
 
-def _frame_records(frame: pd.DataFrame) -> Iterable[dict[str, Any]]:
-    return frame.to_dict(orient="records")
+def _csv_records(path: Path) -> Iterator[tuple[int, dict[str, str | None]]]:
+    """(line where the record starts, {column: text}) for every record after the header. A field the record
+    lacks is None (read as empty); a non-empty field past the header's columns is an error (an unquoted comma
+    would otherwise shift the record's fields silently), and so is a column named twice."""
+    rows = _csv_rows(path)
+    header_line, header = next(rows, (0, []))
+    named = [name for name in header if name]  # Excel writes empty names for trailing empty columns
+    if len(set(named)) < len(named):
+        twice = sorted({name for name in named if named.count(name) > 1})
+        raise DataError(f"{path}:{header_line}: the header names column(s) {', '.join(map(repr, twice))} more "
+                        f"than once; rename them so that each column has its own name")
+    for line, values in rows:
+        if any(value.strip() for value in values[len(header):]):
+            raise DataError(f"{path}:{line}: {len(values)} fields, but the header (line {header_line}) names "
+                            f"{len(header)} ({', '.join(header)}); a field that holds a comma must be quoted "
+                            f"(\"a, b\"): fix the record or the header")
+        yield line, dict(zip(header, itertools.chain(values, itertools.repeat(None))))
+
+
+def _csv_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
+    """(line where the row starts, its fields) for every non-blank row of a CSV file, the header included.
+
+    A row's first line is one past the lines csv.reader had consumed before it: a quoted newline makes a row
+    span lines, so the row's number says nothing about its line."""
+    csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT))
+    with path.open(encoding=TEXT_ENCODING, newline="") as handle:  # newline="": quoted newlines stay in fields
+        # strict: a quote never closed is an error, not one field that swallows the rest of the file
+        reader = csv.reader(_decoded(path, handle), strict=True)
+        while True:
+            start = reader.line_num + 1
+            try:
+                values = next(reader, None)
+            except csv.Error as error:  # e.g. a quote opened and never closed
+                raise DataError(f"{path}:{start}: malformed CSV record ({error}); check the quoting from this "
+                                f"line on (a field with a quote, comma or newline is quoted, its quotes "
+                                f"doubled: \"say \"\"hi\"\"\")") from None
+            if values is None:
+                return
+            if values:  # a blank line reads as []: not a record
+                yield start, values
+
+
+def _decoded(path: Path, lines: Iterable[str]) -> Iterator[str]:
+    """The lines of a text file opened with TEXT_ENCODING; a byte that is not UTF-8 becomes a DataError that
+    names its line (the decoder only knows its offset in the chunk it was decoding)."""
+    try:
+        yield from lines
+    except UnicodeDecodeError:
+        raise _not_utf8(path) from None
+
+
+def _not_utf8(path: Path) -> DataError:
+    """The error for the first byte of `path` that is not UTF-8: file:line, column and byte, and what to do.
+
+    Reads the file again, one line at a time: as Latin-1 every byte is one character, so the lines split where
+    the readers split them (CR, LF, CRLF are ASCII, never inside a UTF-8 sequence) and each encodes back to
+    its bytes, which are then decoded as UTF-8."""
+    with path.open(encoding="latin-1", newline="") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            raw = line.encode("latin-1")
+            if line_number == 1:
+                raw = raw.removeprefix(codecs.BOM_UTF8)
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                column = len(raw[:error.start].decode("utf-8")) + 1
+                utf16 = line_number == 1 and raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE))
+                source, iconv = ("UTF-16", "utf-16") if utf16 else ("another encoding (Windows-1252 or "
+                                                                     "Latin-1, say)", "cp1252")
+                return DataError(f"{path}:{line_number}: byte 0x{raw[error.start]:02x} at column {column} is not "
+                                 f"valid UTF-8: the file was saved in {source}; re-save it as UTF-8 (Excel: "
+                                 f"\"CSV UTF-8\"; or `iconv -f {iconv} -t utf-8 {path.name} > utf8-{path.name}`)")
+    return DataError(f"{path}: not valid UTF-8; re-save the file as UTF-8")  # changed while being read
 
 
 # ---------------------------------------------------------------------------------------------- preflight
@@ -281,12 +364,12 @@ def _first_rows(path: Path, fields: _Fields) -> Iterator[tuple[str, Any]]:
     if suffix in (".jsonl", ".json"):
         rows = _jsonl_rows(path, fields) if suffix == ".jsonl" or not _is_json_array(path) else _json_array_rows(path)
         return ((where, row) for where, _, row in rows)
-    if suffix == ".csv":  # as pandas reads it in load_split: all text, header on line 1
-        with path.open(encoding="utf-8", newline="") as handle:
-            reader = csv.DictReader(handle)
-            records = [dict(row) for row in itertools.islice(reader, PEEK_ROWS)]
-            columns = reader.fieldnames or []
-        return iter([(f"{path}:{i + 2}", row) for i, row in enumerate(records or [dict.fromkeys(columns, "")])])
+    if suffix == ".csv":  # as load_split reads it
+        records = list(itertools.islice(_csv_records(path), PEEK_ROWS))
+        if not records:
+            header_line, header = next(_csv_rows(path), (0, []))
+            records = [(header_line + 1, dict.fromkeys(header, ""))]
+        return iter([(f"{path}:{line}", row) for line, row in records])
     import pyarrow.parquet as pq  # 0.3 s, only for Parquet files
 
     parquet = pq.ParquetFile(path)
