@@ -8,11 +8,16 @@ retried: a rejected key (401/403) or a wrong URL/model (404) stop the run; anoth
 
 When the retries run out the error says which kind it was: `EndpointUnavailable` (transport and server
 errors: the endpoint is down or overloaded, the run stops with its progress saved) or `InputFailed` (the
-endpoint answered, but never usably, for this input: counted and reported at the end). Every HTTP attempt
-takes one unit of the request budget; an empty budget raises `BudgetExhausted`.
+endpoint answered, but never usably, for this input: counted and reported at the end). Every message is one
+line that names the URL and what to do (start the endpoint / check generate.endpoint.url, or check the key's
+environment variable). Every HTTP attempt takes one unit of the request budget; an empty budget raises
+`BudgetExhausted`.
 
-The API key only ever goes into the Authorization header. Every message this module produces passes through
-`Redactor`, and URLs are shown without credentials or query strings (`public_url`).
+The API key only ever goes into the Authorization header, as `Bearer <key>`, and nothing replaces it: the
+client sends explicit auth, so neither user:password@ in the URL nor ~/.netrc can (the HTTP library would
+otherwise prefer both), and it strips userinfo from the URL it requests. `check_url` refuses such a URL
+outright (a ConfigError, before any request: secrets in URLs end up in logs). Every message this module
+produces passes through `Redactor`, and URLs are shown without credentials or query strings (`public_url`).
 """
 
 from __future__ import annotations
@@ -27,6 +32,9 @@ from typing import Any, Callable
 from urllib.parse import urlsplit, urlunsplit
 
 import requests
+from requests.auth import AuthBase
+
+from dskd.config import ConfigError
 
 TRANSIENT_STATUS = {408, 409, 429}
 
@@ -58,6 +66,33 @@ def public_url(url: str) -> str:
     if parts.port:
         host = f"{host}:{parts.port}"
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def _without_userinfo(url: str) -> str:
+    """Credentials never travel in the URL we request (the HTTP library would send them instead of the key)."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
+def check_url(url: str, api_key_env: str | None) -> None:
+    """Refuse a URL with user:password@ in it: the key belongs in the environment (the credentials are never
+    shown: the message has `public_url`)."""
+    if "@" in urlsplit(url).netloc:
+        where = (f"the environment variable {api_key_env} (generate.endpoint.api_key_env)" if api_key_env else
+                 "an environment variable and name it in generate.endpoint.api_key_env")
+        raise ConfigError(f"generate.endpoint.url ({public_url(url)}, credentials hidden) has user:password@ in it; "
+                          f"remove them and put the API key in {where}: credentials in a URL end up in logs")
+
+
+class _Bearer(AuthBase):
+    """Explicit auth: with it, requests takes no credentials from the URL or ~/.netrc over the Bearer header."""
+
+    def __init__(self, key: str):
+        self.key = key
+
+    def __call__(self, request):
+        request.headers["Authorization"] = f"Bearer {self.key}"
+        return request
 
 
 class Redactor:
@@ -155,9 +190,9 @@ class EndpointClient:
     def __init__(self, cfg, api_key: str | None, *, stats: ClientStats | None = None,
                  sleep: Callable[[float], None] | None = None):
         self.cfg = cfg  # dskd.config.EndpointConfig
-        self.base = cfg.url.rstrip("/")
+        self.base = _without_userinfo(cfg.url).rstrip("/")
         self.redact = Redactor(api_key)
-        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.auth = _Bearer(api_key) if api_key else None
         self.stats = stats or ClientStats()
         self.budget = RequestBudget(cfg.request_budget)
         self._cancelled = threading.Event()
@@ -227,10 +262,11 @@ class EndpointClient:
             self.stats.add(requests=1)
             retry_after = None
             try:
-                response = self._session().request(method, url, json=payload, headers=self.headers,
+                response = self._session().request(method, url, json=payload, auth=self.auth,
                                                    timeout=self.cfg.timeout_s)
             except (requests.ConnectionError, requests.Timeout) as exc:
-                last, last_kind = f"{type(exc).__name__}: {exc}", "transient"
+                timeout = isinstance(exc, requests.Timeout)  # ConnectTimeout is both: a timeout
+                last, last_kind = f"{type(exc).__name__}: {_transport_reason(exc)}", "timeout" if timeout else "down"
                 self.stats.add(transient_errors=1)
             else:
                 status = response.status_code
@@ -248,10 +284,12 @@ class EndpointClient:
                     retry_after = _retry_after(response)
                     self.stats.add(transient_errors=1)
                 elif status in (401, 403):
+                    key = (f"check the API key in the environment variable {self.cfg.api_key_env} "
+                           "(generate.endpoint.api_key_env)" if self.cfg.api_key_env else
+                           "no API key was sent: export it and name its environment variable in "
+                           "generate.endpoint.api_key_env")
                     raise EndpointUnavailable(self.redact(
-                        f"{public_url(url)} refused the credentials (HTTP {status}: {_snippet(response)}); check the "
-                        f"API key in the environment variable {self.cfg.api_key_env or '(none configured)'} "
-                        "(generate.endpoint.api_key_env)"))
+                        f"{public_url(url)} refused the credentials (HTTP {status}: {_snippet(response)}); {key}"))
                 elif status in (404, 405) and missing_ok:
                     return None
                 elif status == 404:
@@ -262,10 +300,10 @@ class EndpointClient:
                     raise InputFailed(self.redact(f"HTTP {status}: {_snippet(response)}"))
             if attempt + 1 < attempts:
                 self.sleep(self._backoff(attempt, retry_after))
-        message = self.redact(f"{public_url(url)}: no usable answer after {attempts} attempts (last: {last})")
+        message = f"{public_url(url)}: no usable answer after {attempts} attempts (last: {last})"
         if last_kind == "malformed":
-            raise InputFailed(message)
-        raise EndpointUnavailable(message)
+            raise InputFailed(self.redact(message))
+        raise EndpointUnavailable(self.redact(message + _WHAT_TO_DO.get(last_kind, "")))
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         delay = min(self.cfg.backoff_max_s, self.cfg.backoff_s * (2 ** attempt)) * random.uniform(0.5, 1.0)
@@ -276,6 +314,20 @@ class EndpointClient:
     def _count_usage(self, result: Any) -> None:
         if isinstance(result, Completion):
             self.stats.add(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens)
+
+
+_WHAT_TO_DO = {
+    "down": ("; the endpoint is not running or the URL is wrong: start it (e.g. `dskd serve-teacher --model DIR "
+             "--port P`) or check generate.endpoint.url (`dskd generate --teacher-endpoint URL`)"),
+    "timeout": "; the endpoint is too slow or overloaded: raise generate.endpoint.timeout_s or lower concurrency",
+}
+
+
+def _transport_reason(exc: requests.RequestException) -> str:
+    """The root cause of a connection error or timeout, without urllib3's wrapping (pools, object reprs)."""
+    reason = exc.args[0] if exc.args else exc
+    text = " ".join(str(getattr(reason, "reason", None) or reason).split())
+    return re.sub(r"^(<[^>]*>|\w*Connection(Pool)?\([^)]*\)):\s*", "", text)
 
 
 def _snippet(response: requests.Response, limit: int = 300) -> str:

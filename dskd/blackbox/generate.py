@@ -11,9 +11,11 @@ inputs are buffered and written to the PT store as one shard every `flush_every`
 at most the buffer (those inputs are requested again), and a rerun skips every input already in a shard:
 nothing is lost and nothing doubles. SIGTERM / SIGUSR1 (Slurm's warning; `dskd.preemption`) stop the loop at
 its next turn, flush the buffer and exit with the requeue code; Ctrl-C flushes it too. An endpoint that stays
-unreachable (or a used-up request budget) stops the run with the same guarantee; inputs the endpoint never
-answers usably are listed in `failures.json` in the store and retried by the next run. Tokens, requests and
-cost are logged to MLflow as they accrue.
+unreachable or refuses the key (or a used-up request budget) stops the run with the same guarantee, as
+`EndpointGenerationStopped` (the CLI's exit 4), also when that happens at the first contact (`prepare`, before
+the MLflow run opens); inputs the endpoint never answers usably are listed in `failures.json` in the store and
+retried by the next run. A URL with user:password@ in it is refused by `check` (`client.check_url`). Tokens,
+requests and cost are logged to MLflow as they accrue.
 """
 
 from __future__ import annotations
@@ -34,9 +36,11 @@ from dskd.blackbox.client import (
     BudgetExhausted,
     Completion,
     EndpointClient,
+    EndpointError,
     EndpointUnavailable,
     InputFailed,
     SamplingParams,
+    check_url,
     public_url,
 )
 from dskd.blackbox.prompts import PromptBuilder
@@ -245,6 +249,7 @@ class EndpointPTSource:
         if not self.cfg.url:
             raise ConfigError("generate.endpoint.url is not set: give the endpoint's base URL in the recipe or with "
                               "`dskd generate --teacher-endpoint http://host:port/v1`")
+        check_url(self.cfg.url, self.cfg.api_key_env)  # before any request: credentials never go in the URL
         PromptBuilder.from_config(self.cfg)  # a bad template fails before anything loads or any request goes out
         self.api_key = read_api_key(self.cfg)
 
@@ -258,7 +263,10 @@ class EndpointPTSource:
                      for r in task.require(split).select_columns(["id", "input"])]
         self.inputs = len(self.rows)
         self.client = EndpointClient(self.cfg, self.api_key)
-        self.teacher = _teacher_identity(self.client)
+        try:
+            self.teacher = _teacher_identity(self.client)  # the first request: down, wrong URL or key show here
+        except EndpointError as exc:
+            raise EndpointGenerationStopped(f"generate could not start: {exc}") from None
         self.meta = _store_meta(self.recipe, self.teacher, tokenizer, task.fingerprint)
         self.store.write_meta(self.meta)
         self.done = self.store.completed_ids()

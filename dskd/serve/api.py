@@ -6,7 +6,9 @@ and the FastAPI app.
 - `sample_seed(seed, index)`: each sample of a request gets its own random stream, reproducible when seeded.
 - `Service`: one request -> one row per sample (prompt x n) on the `Batcher` -> stop strings applied ->
   OpenAI's completion / chat.completion JSON (legacy `logprobs` with text offsets, or chat `logprobs.content`
-  with UTF-8 bytes) and usage; GET /v1/models carries the weights' fingerprint (`dskd_fingerprint`).
+  with UTF-8 bytes) and usage; GET /v1/models lists the served name (--served-name, default the model
+  directory's name; never its path, which would show clients the server's filesystem) and the weights'
+  fingerprint (`dskd_fingerprint`); requests name the model by that name.
 - `build_app(service, api_key, on_ready)`: routes POST /v1/completions, /v1/chat/completions, GET /v1/models,
   /health; errors in OpenAI's {"error": {...}} shape (400 invalid, 401 key, 404 model, 429 with
   Retry-After, 500 generation); with an api_key every route but /health needs `Authorization: Bearer`.
@@ -97,12 +99,12 @@ class Service:
 
     def __init__(self, runner: TeacherRunner, batcher: Batcher, cfg: ServeConfig):
         self.runner, self.batcher, self.cfg = runner, batcher, cfg
-        self.name = cfg.served_name or Path(cfg.model).name
+        self.name = cfg.served_name or Path(os.path.abspath(cfg.model)).name  # abspath: `--model .` has a name
         self.fingerprint = _fingerprint(cfg.model)
 
     def models(self) -> dict:
         return {"object": "list", "data": [{"id": self.name, "object": "model", "created": 0, "owned_by": "dskd",
-                                            "root": str(self.cfg.model), "dskd_fingerprint": self.fingerprint}]}
+                                            "root": self.name, "dskd_fingerprint": self.fingerprint}]}
 
     def _check_model(self, requested: str | None) -> None:
         if requested and requested != self.name:

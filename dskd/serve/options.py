@@ -31,7 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="local Hugging Face model directory (e.g. a dskd teacher)")
     parser.add_argument("--host", default=d.host, help="interface to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=d.port, help="port (0: any free port; see --url-file)")
-    parser.add_argument("--served-name", help="model id clients send (default: the directory's name)")
+    parser.add_argument("--served-name", "--served-model-name", dest="served_name",
+                        help="model id that /v1/models lists and clients send (default: the model directory's "
+                             "name; the path itself is never shown)")
     parser.add_argument("--max-batch", type=int, default=d.max_batch, help="sequences per generate() call")
     parser.add_argument("--batch-wait-ms", type=float, default=d.batch_wait_ms,
                         help="how long to wait for more requests to fill a batch")
