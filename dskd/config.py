@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 # The KD divergences, defined once: DistillConfig validates recipes against it, dskd.losses derives
@@ -225,6 +225,26 @@ STUDY_RESET: dict[str, Any] = {
 }
 
 
+def dotted_leaves(mapping: dict, where: str) -> dict[str, Any]:
+    """`{teacher: {path: p}, distill.loss: ce}` -> `{teacher.path: p, distill.loss: ce}`. A variant is a set of
+    overrides, each setting one leaf: a nested mapping written in YAML style must neither reset the rest of its
+    section to the defaults nor hide a key (e.g. teacher.path) from the check of what cells may change."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, node: dict) -> None:
+        for key, value in node.items():
+            dotted = f"{prefix}.{key}" if prefix else str(key)
+            if isinstance(value, dict) and value:
+                walk(dotted, value)
+            elif dotted in flat:
+                raise ValueError(f"{where}: '{dotted}' is given twice (once nested, once dotted); keep one")
+            else:
+                flat[dotted] = value
+
+    walk("", mapping)
+    return flat
+
+
 class StudyConfig(Strict):
     """`dskd study`: variants x seeds, every cell distilled for the same number of optimizer steps."""
 
@@ -235,6 +255,14 @@ class StudyConfig(Strict):
     variants: dict[str, dict[str, Any]] = Field(default_factory=lambda: copy.deepcopy(PAPER_VARIANTS), min_length=1)
     reference: str = "joint_teaching"  # compared with every other variant by a paired test over dev examples
     resamples: int = Field(10_000, ge=100)  # paired bootstrap / permutation resamples
+
+    @field_validator("variants", mode="before")
+    @classmethod
+    def _flat_overrides(cls, variants: Any) -> Any:
+        if not isinstance(variants, dict):
+            return variants
+        return {name: dotted_leaves(overrides, f"study.variants.{name}") if isinstance(overrides, dict) else overrides
+                for name, overrides in variants.items()}
 
     @model_validator(mode="after")
     def _names(self) -> "StudyConfig":
@@ -334,8 +362,15 @@ def format_errors(err: ValidationError, source: str) -> str:
             valid = _valid_keys(Recipe, loc[:-1])
             lines.append(f"  unknown key '{key}'; valid keys here: {', '.join(valid)}")
         else:
-            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+            lines.append(f"  {key}: {e['msg'].removeprefix('Value error, ')}{_shown_input(e.get('input'))}")
     return "\n".join(lines)
+
+
+def _shown_input(value: Any) -> str:
+    """The offending value when it is a value: a whole section (a model validator's input) would bury the message."""
+    if isinstance(value, dict) or len(repr(value)) > 200:
+        return ""
+    return f" (got {value!r})"
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

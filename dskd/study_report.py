@@ -67,12 +67,26 @@ def _variant_summary(records: list[dict], splits: list[str], teacher: dict) -> d
         teacher_l = teacher["splits"][split]["metrics"]["rougeL"]
         mean_l = out["splits"][split]["rougeL"]["mean"]
         out["splits"][split]["rougeL_of_teacher"] = mean_l / teacher_l if teacher_l > 0 else math.nan
+    out["identical_seeds"] = _identical_seeds(ok, splits)
     if ok:
         eff = [r["efficiency"] for r in ok]
         out["params"] = eff[0]["params"]
         out["throughput_ex_per_s"] = summarize([e["throughput_ex_per_s"] for e in eff]).as_dict()
         out["latency_ms_mean"] = statistics.fmean(e["latency_ms_mean"] for e in eff)
     return out
+
+
+def _identical_seeds(ok: list[dict], splits: list[str]) -> dict | None:
+    """Seeds that generated exactly the same outputs on every split: their spread (0 ± 0) is no evidence of
+    stability. Seeds reach the student's init, the data order and the sampling (tests/test_faults_study.py), so
+    this means the students collapsed to the same outputs (e.g. all empty), which the report must say."""
+    outputs = [[r["splits"][s].get("predictions") for s in splits] for r in ok]
+    if len(ok) < 2 or any(None in seed for seed in outputs) or any(seed != outputs[0] for seed in outputs[1:]):
+        return None
+    first = outputs[0]
+    outputs = [p for split_predictions in first for p in split_predictions]
+    return {"seeds": [r["seed"] for r in ok], "distinct_outputs": len(set(outputs)), "examples": len(outputs),
+            "empty_outputs": sum(1 for p in outputs if not p.strip())}
 
 
 def _per_example(records: list[dict], split: str) -> np.ndarray | None:
@@ -166,12 +180,26 @@ def _markdown(results: dict) -> str:
     if study["missing"]:
         lines += [f"Not finished yet: {', '.join(study['missing'])}.", ""]
     lines += _main_table(results) + _comparison_tables(results) + _ordering_lines(results)
+    lines += _identical_seed_lines(results)
     failures = [(n, v["seeds_failed"], v["failures"]) for n, v in results["variants"].items() if v["seeds_failed"]]
     if failures:
         lines += ["", "## Failed cells", ""] + [f"- {n} seeds {seeds}: {errs[0]}" for n, seeds, errs in failures]
     lines += ["", "Pictures: dev_rougeL_curves.png (dev ROUGE-L against optimizer step, mean and min-max band over "
               f"seeds, on the first {study['curve_examples']} dev examples), quality_throughput.png."]
     return "\n".join(lines) + "\n"
+
+
+def _identical_seed_lines(results: dict) -> list[str]:
+    flagged = [(name, v["identical_seeds"]) for name, v in results["variants"].items() if v.get("identical_seeds")]
+    if not flagged:
+        return []
+    lines = ["", "## Warning: seeds that agree exactly", ""]
+    for name, same in flagged:
+        lines.append(f"- **{name}**: seeds {same['seeds']} generated identical outputs on every evaluated example "
+                     f"({same['distinct_outputs']} distinct outputs over {same['examples']} examples, "
+                     f"{same['empty_outputs']} empty): the students collapsed to the same outputs, so its ± 0 spread "
+                     "is not stability. Train longer, lower the learning rate, or check the variant's recipe.")
+    return lines
 
 
 def _row(cells: list[str]) -> str:
@@ -192,7 +220,8 @@ def _main_table(results: dict) -> list[str]:
     for name, v in results["variants"].items():
         s, share = v["splits"][main], v["splits"][main]["rougeL_of_teacher"]
         seeds = f"{len(v['seeds_ok'])}" + (f" (+{len(v['seeds_failed'])} failed: seeds {v['seeds_failed']})"
-                                           if v["seeds_failed"] else "")
+                                           if v["seeds_failed"] else "") + (" (identical outputs, see below)"
+                                                                            if v.get("identical_seeds") else "")
         lines.append(_row([name, seeds, _pm(s["rougeL"]), _ci(s["rougeL"]), "-" if share != share else
                            f"{100 * share:.0f}%", _pm(s["rouge1"]), _pm(s["rouge2"]), _pm(s["bleu"])]
                           + [_pm(v["splits"][o]["rougeL"]) for o in other]

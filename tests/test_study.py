@@ -254,4 +254,11 @@ def test_killed_study_continues_and_a_finished_study_is_reused(quick_study):
     again = _study(tmp_path)
     assert again.returncode == 0, again.stdout + again.stderr
     assert again.stdout.count("already finished (reused)") == 6
+    # one numbering in every line that names a cell: its --cell index, its name, its place in this run
+    cell_lines = [line for line in again.stdout.splitlines() if line.startswith("[dskd] study: cell ")]
+    listed = subprocess.run([sys.executable, "-m", "dskd", "study", "--quick", "--list-cells", *QUICK_ARGS],
+                            capture_output=True, text=True, timeout=120, cwd=tmp_path).stdout.split("\n")
+    expected = [f"[dskd] study: cell {int(row.split()[0])} {row.split()[1]} ({k}/6): already finished (reused)"
+                for k, row in enumerate(filter(None, listed), 1)]
+    assert cell_lines == expected
     assert "teacher: already complete" in again.stdout

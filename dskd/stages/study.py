@@ -161,13 +161,14 @@ class Study:
             raise ConfigError(f"the study's teacher {teacher.path} does not exist yet: run `dskd study --step "
                               "prepare` (same recipe and --output-dir) first")
         scorer = None
-        for cell in selected:
+        for position, cell in enumerate(selected, 1):
+            progress = f"({position}/{len(selected)})"
             if read_cell(cell) is not None:
                 if self.dist.is_main:
-                    print(f"[dskd] study: cell {cell.index} {cell.name} already finished (reused)")
+                    print(f"[dskd] study: {_label(cell)} {progress}: already finished (reused)")
                 continue
             if self.dist.is_main:
-                print(f"[dskd] study: cell {cell.index + 1}/{len(self.cells)} {cell.name}")
+                print(f"[dskd] study: {_label(cell)} {progress}: training")
             scorer = scorer or (self.scorer() if self.dist.is_main else None)
             self.run_cell(cell, parent, scorer)
 
@@ -187,7 +188,7 @@ class Study:
         except TrainingDiverged as exc:
             record.update(status="failed", error=str(exc), seconds=time.perf_counter() - start)
             if self.dist.is_main:
-                print(f"[dskd] study: cell {cell.name} FAILED (diverged): {exc}")
+                print(f"[dskd] study: {_label(cell)} FAILED (diverged): {exc}")
                 atomic_write_text(cell.marker, json.dumps(record))
             return record
         if self.dist.is_main:
@@ -201,7 +202,7 @@ class Study:
             record["seconds"] = time.perf_counter() - start
             atomic_write_text(cell.marker, json.dumps(record))
             dev = scored["splits"].get("dev", next(iter(scored["splits"].values())))["metrics"]
-            print(f"[dskd] study: cell {cell.name} done in {record['seconds']:.0f}s: ROUGE-L {dev['rougeL']:.2f}")
+            print(f"[dskd] study: {_label(cell)} done in {record['seconds']:.0f}s: ROUGE-L {dev['rougeL']:.2f}")
         if torch_dist.is_initialized():
             torch_dist.barrier()
         return record
@@ -241,6 +242,11 @@ def run_study(recipe: Recipe, step: str = "all", cells: list[int] | None = None)
             report = study.report(parent)
             parent.log_metrics({"study/wall_s": time.perf_counter() - start})
     return report
+
+
+def _label(cell: Cell) -> str:
+    """How every log line names a cell: its index as `--cell` and `--list-cells` use it, and its name."""
+    return f"cell {cell.index} {cell.name}"
 
 
 def _model_stamp(model_dir: Path) -> list:
