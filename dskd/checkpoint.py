@@ -3,13 +3,23 @@
 DeepSpeed writes the engine state (model, optimizer, scheduler; partitioned under ZeRO) into a tag directory;
 only after every rank finished does rank 0 atomically point `latest_complete` at it. A checkpoint that was
 being written when the job died is therefore never picked by `--resume auto`.
+
+Trust boundary: DeepSpeed's `.pt` files are pickles, and DeepSpeed loads them with `weights_only=False`, which
+runs any code a crafted file carries. `load` swaps in torch's weights-only unpickler: tensors, containers and
+plain values, plus the few DeepSpeed classes its checkpoints hold (`SAFE_GLOBALS`); dskd's own client state
+(TrainState, RNG state) is plain values by construction. A file with anything else is refused with
+`UnsafeCheckpoint` and nothing of it runs. Checkpoints of other tools or older dskd versions that need full
+unpickling load only when the user says they trust them: DSKD_TRUST_CHECKPOINTS=1. Exported models are
+safetensors, which hold no code at all.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -18,19 +28,69 @@ import torch
 import torch.distributed as dist
 
 from dskd.atomic import atomic_write_text
+from dskd.config import ConfigError
 
 LATEST = "latest_complete"
 
 
+TRUST_ENV = "DSKD_TRUST_CHECKPOINTS"
+
+
+class UnsafeCheckpoint(ConfigError):
+    """A checkpoint file holds objects the weights-only unpickler does not build (see the module docstring)."""
+
+
+def _safe_globals() -> list:
+    """The DeepSpeed classes its ZeRO checkpoints pickle (found by loading real ZeRO 0-3 checkpoints)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def safe_torch_load(path: str, map_location=None):
+    """torch.load with the weights-only unpickler and SAFE_GLOBALS; full unpickling only under TRUST_ENV=1."""
+    if os.environ.get(TRUST_ENV) == "1":
+        return torch.load(path, map_location=map_location, weights_only=False)
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"(GLOBAL [\w.]+|got <class '[\w.]+'>)", str(exc))
+        raise UnsafeCheckpoint(
+            f"{path}: refused to load: it holds objects that a safe (weights-only) load does not build "
+            f"({found.group(1) if found else 'see torch.load'}). dskd's own checkpoints never do; this one was "
+            f"written by another tool or an older dskd, or was tampered with. Loading it runs code from the file: "
+            f"only if you trust it, rerun with {TRUST_ENV}=1") from None
+
+
+class _SafeLoading:
+    """DeepSpeed's checkpoint engine, its `load` through `safe_torch_load` (everything else delegated)."""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def load(self, path: str, map_location=None):
+        return safe_torch_load(path, map_location)
+
+
 def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+    """Every RNG a step draws from, as plain values (numpy's key array as a list: no pickled numpy objects)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -56,6 +116,9 @@ def latest(root: Path) -> str | None:
 
 
 def load(engine, root: Path, tag: str) -> dict:
+    """Restore the engine and the RNGs from checkpoint `tag`; every file read with `safe_torch_load`."""
+    if not isinstance(engine.checkpoint_engine, _SafeLoading):
+        engine.checkpoint_engine = _SafeLoading(engine.checkpoint_engine)
     _, client_state = engine.load_checkpoint(str(root), tag=tag)
     if client_state is None:
         raise RuntimeError(f"checkpoint {root}/{tag} could not be loaded")

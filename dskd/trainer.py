@@ -19,18 +19,26 @@ Contracts:
       1. a non-finite loss (per micro-batch, before its backward);
       2. a non-finite gradient norm, or one above GRAD_NORM_LIMIT, at the accumulation boundary;
       3. a stall: STALL_STEPS steps in a row whose loss is far above the phase's first loss (more than twice
-         it, and more than 1 nat above) or frozen (within STALL_TOLERANCE of the step before) and not below it.
-    "Last good" is the state before the bad step. For 1 and 2 it is still in the engine when the guard fires:
-    the loss is checked before its backward; DeepSpeed reports no norm for plain fp32 ZeRO-0, so the guard
-    computes it from the (all-reduced) gradients at the boundary, before `engine.step()`; with ZeRO 1-3 or
-    bf16, DeepSpeed computes the norm inside `step()` and itself skips an update whose norm is not finite.
-    That state is saved as checkpoint `last-good-stepN` (N steps done). No per-step snapshot is kept: it would
-    cost a copy of weights and optimizer state every step, for a rare event. When the bad update is already
-    in the weights (a stall, which shows only after many steps; a finite norm above the limit whose clipped
-    update ZeRO 1-3 applied), the last good state is the newest periodic checkpoint (`save_every`) from
-    before the bad step; while a stall streak runs, checkpoints are not pruned, so the one from before it
-    survives. `latest_complete` then points at the last good checkpoint (or is removed when none exists), so
-    `--resume auto` never continues from a diverged state.
+         it, and more than 1 nat above) or frozen (within STALL_TOLERANCE of the step before) and not below it;
+      4. a loss spike: a step's loss above SPIKE_FACTOR x max(1 nat, the median of the phase's previous
+         SPIKE_WINDOW step losses). The loss of step s is computed on the weights after step s-1, so a spike
+         at s shows that the update of step s-1 already broke the weights (lr 1e4: step 1 0.97, step 2 7.4e7).
+    "Last good" is the state before the bad step. For 2 it is still in the engine when the guard fires: DeepSpeed
+    reports no norm for plain fp32 ZeRO-0, so the guard computes it from the (all-reduced) gradients at the
+    boundary, before `engine.step()`; with ZeRO 1-3 or bf16, DeepSpeed computes the norm inside `step()` and itself
+    skips an update whose norm is not finite. That state is saved as checkpoint `last-good-stepN` (N steps done). No
+    per-step snapshot is kept: it would cost a copy of weights and optimizer state every step, for a rare event.
+    When the bad update is already in the weights (a stall, which shows only after many steps; a finite norm above
+    the limit whose clipped update ZeRO 1-3 applied), the last good state is the newest periodic checkpoint
+    (`save_every`) from before the bad step; while a stall streak runs, checkpoints are not pruned, so the one from
+    before it survives. `latest_complete` then points at the last good checkpoint (or is removed when none exists),
+    so `--resume auto` never continues from a diverged state.
+    Healthy means the loss computed on it was healthy: whichever rule fires, when the phase's losses (the
+    current step's included; a non-finite one, rule 1, counts as a spike) hold a spike at step s, the states
+    from step s-1 on are not good, even where the engine still holds the state before the failing step; the
+    last good state is then the newest periodic checkpoint of at most s-2 steps (or none: a resume starts
+    afresh, as it must, with a lower lr). Long-run trainers roll back the same way; skipping the spiking batch
+    would not help, the weights are already bad.
     fp16 runs are exempt from rule 2's non-finite case: DeepSpeed's dynamic loss scaling skips overflowing
     steps by design.
 The Trainer knows nothing of recipes, files or models beyond the engine: `dskd.stages.train` composes it.
@@ -39,6 +47,7 @@ The Trainer knows nothing of recipes, files or models beyond the engine: `dskd.s
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -74,6 +83,11 @@ STALL_STEPS = 20
 # by far more than this; a model whose output no longer depends on its input (e.g. a uniform distribution,
 # loss ln V) repeats the same loss to fp32 rounding (~1e-7).
 STALL_TOLERANCE = 1e-5
+# Rule 4. A per-token loss 10x its recent level (and above 10 nats) does not come from a hard batch: batches of
+# one task differ by a few x at most; blown-up logits give 1e2..1e8. The 1-nat floor keeps a well-fit model
+# (loss 0.01) from stopping on an ordinary batch of loss 0.5.
+SPIKE_FACTOR = 10.0
+SPIKE_WINDOW = 20
 
 
 class TrainingDiverged(RuntimeError):
@@ -165,6 +179,7 @@ class Trainer:
         # multi-rank ZeRO-3: every rank must run every generate() forward (Joint-Teaching, dev eval)
         self.synced_gpus = engine.zero_optimization_partition_weights() and ctx.dist.world_size > 1
         self.state = TrainState()
+        self.phase_index = 0  # the phase being run (state.phase moves only after a step)
 
     # -- the loop --------------------------------------------------------------------------------------------
 
@@ -179,6 +194,7 @@ class Trainer:
         mbs, gas = ctx.train.micro_batch_size, ctx.train.grad_accum
         start = state.micro if index == state.phase else 0
         first_step = sum(p.steps for p in self.phases[:index])
+        self.phase_index = index
         stream = phase.pool.stream(phase.seed, ctx.dist.rank, ctx.dist.world_size, mbs, start)
         with tqdm(total=self.total_steps, initial=state.step, desc=f"{ctx.label}:{phase.name}", unit="step",
                   disable=not ctx.dist.is_main, dynamic_ncols=True) as bar:
@@ -204,6 +220,7 @@ class Trainer:
             with phase.teacher.signal(batch) as signal:
                 out = self.engine(batch, phase.loss, normalizer, signal)
             self._stop_if_not_finite(out.loss, micro)
+            stats.add(out)
             # `* 1.0`: a fresh root, so DeepSpeed registers this backward before the gradient reaches the hook it
             # put on the forward's output; otherwise that hook divides by grad_accum a second time (DeepSpeed
             # 0.19, hook order), although the loss is already normalized by the step's global token count.
@@ -211,12 +228,11 @@ class Trainer:
             if micro == len(batches) - 1:  # the accumulation boundary: the next step() updates the weights
                 own_norm = self._grad_norm_before_step()
                 if own_norm is not None:
-                    self._stop_if_bad_gradient(own_norm, applied=False)
+                    self._stop_if_bad_gradient(own_norm, stats, applied=False)
             self.engine.step()
-            stats.add(out)
         stats.grad_norm = own_norm if own_norm is not None else _as_float(self.engine.get_global_grad_norm())
         if own_norm is None and stats.grad_norm is not None:
-            self._stop_if_bad_gradient(stats.grad_norm, applied=self.engine.was_step_applied())
+            self._stop_if_bad_gradient(stats.grad_norm, stats, applied=self.engine.was_step_applied())
         stats.reduce()
         stats.seconds = time.perf_counter() - started
         return stats
@@ -239,7 +255,7 @@ class Trainer:
         if bool(all_reduce(torch.isfinite(loss.detach()).float().cpu(), torch_dist.ReduceOp.MIN)):
             return
         self._diverged(f"the loss became {loss.item()} at step {self.state.step + 1} (micro-batch {micro})",
-                       save_now=True)
+                       save_now=True, current_loss=math.nan)  # NaN on every rank: the ranks decide alike
 
     def _grad_norm_before_step(self) -> float | None:
         """The global pre-clip gradient norm, for the engines whose norm DeepSpeed does not report: plain fp32
@@ -251,8 +267,9 @@ class Trainer:
         norms = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
         return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
-    def _stop_if_bad_gradient(self, norm: float, applied: bool) -> None:
-        """Rule 2 of the module docstring. `applied`: the update of this step is already in the weights."""
+    def _stop_if_bad_gradient(self, norm: float, stats: TrainStats, applied: bool) -> None:
+        """Rule 2 of the module docstring. `applied`: the update of this step is already in the weights.
+        `stats`: this step's (local) losses so far, which tell whether the weights it started from were good."""
         overflow = not math.isfinite(norm)
         if overflow and self.engine.fp16_enabled():
             return  # dynamic loss scaling: DeepSpeed skipped the step and lowers the scale
@@ -260,17 +277,30 @@ class Trainer:
             return
         what = "is not finite" if overflow else f"exceeds {GRAD_NORM_LIMIT:.0e} (blown-up weights)"
         message = f"the gradient norm {what} at step {self.state.step + 1}: {norm:.4g}"
+        # every rank is here (the norm is global): one collective for the step's loss over ranks. A gradient that
+        # overflows from a finite fp32/bf16 loss comes from overflowing weights: it counts as a non-finite loss
+        # (rule 4), i.e. the weights this step started from are not a healthy state (lr 1e30: loss ln V, norm NaN)
+        current = float(all_reduce(stats.loss.reshape(1).clone())) / self.ctx.dist.world_size
+        current = math.nan if overflow else current
         if not applied:
-            self._diverged(message, save_now=True)
+            self._diverged(message, save_now=True, current_loss=current)
         # ZeRO 1-3 / bf16 applied a finite, clipped update: the state before it is gone
         self._diverged(message + f" (its update, clipped to {self.ctx.train.optim.grad_clip}, is applied)",
-                       save_now=False, bad_step=self.state.step + 1)
+                       save_now=False, bad_step=self.state.step + 1, current_loss=current)
 
-    def _diverged(self, problem: str, save_now: bool, bad_step: int = 0) -> None:
+    def _diverged(self, problem: str, save_now: bool, bad_step: int = 0, current_loss: float | None = None) -> None:
         """Raise TrainingDiverged. save_now: the engine still holds the state before the bad step; save it as
         the last good checkpoint. Otherwise the update of step `bad_step` is in the weights: point at the newest
-        periodic checkpoint from before it."""
+        periodic checkpoint from before it. A loss spike in the phase (rule 4; `current_loss`: the failing
+        step's, not yet in the state) moves the last good state to before the update that caused it."""
         ctx, state = self.ctx, self.state
+        spike = self._first_spike(current_loss)
+        if spike is not None and (save_now or spike - 1 < bad_step):
+            save_now, bad_step = False, spike - 1
+            loss = self._loss_at(spike, current_loss)
+            evidence = (f"the loss jumped to {loss:.4g} at step {spike}" if math.isfinite(loss) else
+                        f"the loss or the gradient of step {spike} is not finite")
+            problem += f"; the weights were already broken by the update of step {spike - 1} ({evidence})"
         if save_now:
             tag = checkpoint.save(self.engine, ctx.checkpoints, state.step, state.client_state(),
                                   is_main=ctx.dist.is_main, tag=f"last-good-step{state.step:08d}")
@@ -289,6 +319,33 @@ class Trainer:
                     "set save_every to keep some)")
         raise TrainingDiverged(f"{ctx.label}: training diverged: {problem}; {kept}. Lower the learning rate "
                                f"(currently {ctx.train.optim.lr}) or check the data.")
+
+    def _phase_start(self) -> int:
+        return sum(p.steps for p in self.phases[:self.phase_index])
+
+    def _loss_at(self, step: int, current_loss: float | None) -> float:
+        return self.state.losses[step - 1] if step <= len(self.state.losses) else float(current_loss)
+
+    def _is_spike(self, losses: list[float], i: int) -> bool:
+        """Rule 4 for losses[i], against the phase's losses before it (`losses` starts at the phase start)."""
+        if i == 0:
+            return not math.isfinite(losses[0])
+        level = statistics.median(losses[max(0, i - SPIKE_WINDOW): i])
+        return not math.isfinite(losses[i]) or losses[i] > SPIKE_FACTOR * max(level, 1.0)
+
+    def _first_spike(self, current_loss: float | None = None) -> int | None:
+        """The first step (1-based) of the current phase whose loss spiked, the running step's loss included."""
+        start = self._phase_start()
+        losses = self.state.losses[start:] + ([current_loss] if current_loss is not None else [])
+        return next((start + i + 1 for i in range(len(losses)) if self._is_spike(losses, i)), None)
+
+    def _stop_if_spiked(self, phase_start: int) -> None:
+        """Rule 4, on the step just taken."""
+        losses = self.state.losses[phase_start:]
+        if len(losses) > 1 and self._is_spike(losses, len(losses) - 1):
+            step, level = self.state.step, statistics.median(losses[max(0, len(losses) - 1 - SPIKE_WINDOW):-1])
+            self._diverged(f"the loss jumped to {losses[-1]:.4g} at step {step} (median of the steps before: "
+                           f"{level:.4g})", save_now=False, bad_step=step - 1)
 
     def _stall_start(self, phase_start: int) -> int | None:
         """The first step (1-based) of the stall the phase's losses end in, None if the last step is not stalled
@@ -331,6 +388,7 @@ class Trainer:
                 "train/student_pt_batches": stats.student_batches / gas, "train/phase": index,
                 "train/epoch": self.state.micro / max(1, phase.pool.micro_batches_per_epoch(mbs, world)),
             }, step=step)
+        self._stop_if_spiked(phase_start)
         stalled_since = self._stop_if_stalled(phase_start)
         if ctx.dev_metrics is not None and self._eval_due(step, phase.steps_per_epoch(mbs, gas, world), phase_start):
             metrics = ctx.dev_metrics()

@@ -283,7 +283,8 @@ def _direct_trainer(tiny_tokenizer, tmp_path, zero_stage: int, steps: int = 3):
 def test_an_overflowing_gradient_stops_at_its_step_with_the_state_before_it(zero_stage, scale, tiny_tokenizer,
                                                                             tmp_path):
     """ZeRO-0 fp32: the guard's own norm, before engine.step(). ZeRO-1: DeepSpeed's norm; it skips a non-finite
-    update itself, and a finite one above the limit is applied (clipped), so the previous checkpoint is last good."""
+    update itself, and a finite one above the limit is applied (clipped), so the previous checkpoint is last good.
+    A non-finite norm (from a finite loss) condemns the weights it was computed on as well."""
     import torch
 
     from dskd.trainer import GRAD_NORM_LIMIT, Trainer, TrainingDiverged, TrainState
@@ -310,7 +311,11 @@ def test_an_overflowing_gradient_stops_at_its_step_with_the_state_before_it(zero
         assert f"exceeds {GRAD_NORM_LIMIT:.0e}" in message
     else:
         assert "is not finite" in message
-    if applied:  # the clipped update is in the weights; the periodic checkpoint of step 1 is the last good state
+    if not math.isfinite(scale):  # an overflowing gradient from a finite loss means overflowing weights: the
+        # state it was computed on (after step 1) is not trusted, the one before it (step 0) was never saved
+        assert checkpoint.latest(ckpt) is None and "`--resume auto` starts afresh" in message
+        assert "the weights were already broken by the update of step 1" in message
+    elif applied:  # the clipped update is in the weights; the periodic checkpoint of step 1 is the last good state
         assert checkpoint.latest(ckpt) == "step00000001" and "step00000001" in message
     else:  # the update never happened: the weights are those after step 1, saved as last-good
         assert checkpoint.latest(ckpt) == "last-good-step00000001" and "last-good-step00000001" in message

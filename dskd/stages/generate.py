@@ -18,6 +18,7 @@ from dskd.config import Recipe
 from dskd.data.pt_store import PTStore
 from dskd.data.task import check_data_paths, load_task
 from dskd.layout import pt_store_dir
+from dskd.locking import stage_lock
 from dskd.pt_sources import LocalPTSource, PTSource
 from dskd.teachers import teacher_for
 from dskd.tracking import Tracker
@@ -37,28 +38,30 @@ def run_generate(recipe: Recipe, *, parent_run_id: str | None = None, tracker: T
         return store.root
     source.check()
     check_data_paths(recipe)  # before the process group: a typo'd path fails fast, on every rank alike
-    is_main = source.start()
-    task = load_task(recipe, is_main, needed=tuple(recipe.generate.splits))
-    source.prepare(task, teacher_for(recipe).tokenizer(recipe, task))
-    tracker = tracker or Tracker(recipe.tracking, recipe.run.output_dir, active=is_main)
-    tags = {"dskd.stage": "generate", **source.tags(), "dskd.data_fingerprint": task.fingerprint,
-            "dskd.pt_dataset": str(store.root)}
-    with tracker.run("generate", parent_id=parent_run_id, tags=tags) as run:
-        run.log_params({**source.params(), "generate.splits": recipe.generate.splits,
-                        "generate.inputs": source.inputs})
-        start = time.perf_counter()
-        with preemption.handling():
-            source.generate(run)
-        seconds = time.perf_counter() - start
-        if not is_main:
-            return store.root
-        done = source.finish()
-        metrics = {**done.metrics, "generate/inputs": done.inputs, "generate/resumed_inputs": done.resumed,
-                   "generate/pts": done.inputs * recipe.generate.decoding.num_return_sequences,
-                   "generate/seconds": seconds, "generate/inputs_per_s": done.new / seconds if seconds > 0 else 0.0,
-                   **task.metrics()}
-        run.log_metrics(metrics, step=done.step)
-        for path in (store.meta_path, *done.artifacts):
-            run.log_artifact(path)
-    source.print_summary(metrics)
-    return store.root
+    with stage_lock(store.root, "generate"):  # one generator per store; refused before anything loads
+        is_main = source.start()
+        task = load_task(recipe, is_main, needed=tuple(recipe.generate.splits))
+        source.prepare(task, teacher_for(recipe).tokenizer(recipe, task))
+        tracker = tracker or Tracker(recipe.tracking, recipe.run.output_dir, active=is_main)
+        tags = {"dskd.stage": "generate", **source.tags(), "dskd.data_fingerprint": task.fingerprint,
+                "dskd.pt_dataset": str(store.root)}
+        with tracker.run("generate", parent_id=parent_run_id, tags=tags) as run:
+            run.log_params({**source.params(), "generate.splits": recipe.generate.splits,
+                            "generate.inputs": source.inputs})
+            start = time.perf_counter()
+            with preemption.handling():
+                source.generate(run)
+            seconds = time.perf_counter() - start
+            if not is_main:
+                return store.root
+            done = source.finish()
+            metrics = {**done.metrics, "generate/inputs": done.inputs, "generate/resumed_inputs": done.resumed,
+                       "generate/pts": done.inputs * recipe.generate.decoding.num_return_sequences,
+                       "generate/seconds": seconds,
+                       "generate/inputs_per_s": done.new / seconds if seconds > 0 else 0.0,
+                       **task.metrics()}
+            run.log_metrics(metrics, step=done.step)
+            for path in (store.meta_path, *done.artifacts):
+                run.log_artifact(path)
+        source.print_summary(metrics)
+        return store.root

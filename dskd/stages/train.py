@@ -32,6 +32,7 @@ from dskd.engines import DistInfo, create_student_engine, init_distributed, stud
 from dskd.evaluate import evaluate_generations
 from dskd.generation import DecodingConfig, generate_ids
 from dskd.joint_teaching import JointTeaching
+from dskd.locking import stage_lock
 from dskd.layout import Stage, pt_store_dir, read_done, stage_dir, stage_key, teacher_model_path, write_done
 from dskd.models import (
     DTYPES,
@@ -352,18 +353,20 @@ def train_stage(recipe: Recipe, stage: Stage, *, resume: bool = False, force: bo
                 tags: dict[str, str] | None = None) -> StageResult:
     """Run `dskd teacher` or `dskd distill` end to end and export the trained model (`tags`: extra MLflow tags)."""
     check_data_paths(recipe)  # before the process group: a typo'd path fails fast, on every rank alike
-    dist = init_distributed(recipe.run.device, recipe.run.dist_timeout_minutes)
-    job = TrainingStage(recipe, stage, dist)
-    done = None if force else read_done(job.out_dir, job.key)
-    if done is not None:
-        if dist.is_main:
-            print(f"[dskd] {stage}: already complete with this recipe in {job.out_dir} (reused; pass --force to redo)")
-        return StageResult(job.out_dir / "model", done.get("run_id"), done.get("steps", 0),
-                           metrics=done.get("metrics", {}), skipped=True, dev_history=done.get("dev_history", []))
-    torch.manual_seed(recipe.run.seed)
-    job.setup_data()
-    job.setup_models()
-    job.setup_engines()
-    state = job.resume(resume)
-    tracker = tracker or Tracker(recipe.tracking, recipe.run.output_dir, active=dist.is_main)
-    return job.train(state, tracker, parent_run_id, tags)
+    with stage_lock(stage_dir(recipe, stage), stage):  # one run per directory; refused before anything loads
+        dist = init_distributed(recipe.run.device, recipe.run.dist_timeout_minutes)
+        job = TrainingStage(recipe, stage, dist)
+        done = None if force else read_done(job.out_dir, job.key)
+        if done is not None:
+            if dist.is_main:
+                print(f"[dskd] {stage}: already complete with this recipe in {job.out_dir} (reused; pass --force "
+                      "to redo)")
+            return StageResult(job.out_dir / "model", done.get("run_id"), done.get("steps", 0),
+                               metrics=done.get("metrics", {}), skipped=True, dev_history=done.get("dev_history", []))
+        torch.manual_seed(recipe.run.seed)
+        job.setup_data()
+        job.setup_models()
+        job.setup_engines()
+        state = job.resume(resume)
+        tracker = tracker or Tracker(recipe.tracking, recipe.run.output_dir, active=dist.is_main)
+        return job.train(state, tracker, parent_run_id, tags)
