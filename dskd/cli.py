@@ -10,10 +10,19 @@
 
 Every user error is one line on stderr, `dskd: error: <what, where (file:line / recipe key), what to do>`, and
 exit code 2: recipe errors, missing paths, bad data (`DataError` is a `ConfigError`). The recipe, the paths the
-stage reads and the fields in the first rows of each data file are checked before torch, transformers or
-DeepSpeed load (`_preflight`), so those errors take a fraction of a second. Other exit codes: 3 training
-diverged (`TrainingDiverged`, the last good state kept), 4 the PT endpoint stopped answering, 75 stopped by
-SIGUSR1/SIGTERM/Ctrl-C with the state saved (`--resume auto` continues), 130 a second Ctrl-C (nothing saved).
+stage reads and the fields in the first rows of each data file are checked before torch, transformers or DeepSpeed
+load (`_preflight`), so those errors take a fraction of a second. An output directory that cannot be written is
+one of them: `dskd: error: cannot write <path>: <reason>; <what to do>`, exit 2, whether the preflight's write
+probe finds it (read-only, no permission, full) or a write fails during the run (a disk that fills up: the stage's
+MLflow run is ended FAILED; a finished stage is reused, `--resume auto` continues from the last complete
+checkpoint). Other exit codes: 3 training diverged (`TrainingDiverged`, the last healthy state kept), 4 the PT
+endpoint could not be reached, refused the API key or stopped answering, at the first request or later (one line
+naming the URL and what to do; finished PTs kept, a rerun continues; an endpoint URL with user:password@ in it is
+a recipe error, 2), 75 stopped by SIGUSR1/SIGTERM/Ctrl-C with the state saved (the message says how to continue:
+`--resume auto` for teacher/distill, rerunning the same command for study, demo and generate), 130 Ctrl-C with
+nothing saved: a second Ctrl-C, or any Ctrl-C outside the stage's stop handler (while the command starts: `dskd:
+interrupted before anything started; nothing to save`; `serve-teacher` stopped; after the work ended), one line,
+never a traceback. `dskd serve-teacher` exits 2 on a port in use or a host it cannot bind, before the model loads.
 """
 
 from __future__ import annotations
@@ -35,6 +44,15 @@ from dskd.serve.options import add_arguments as add_serve_arguments
 from dskd.study import describe, study_cells
 
 STAGES = ("teacher", "generate", "distill", "evaluate", "demo", "study")
+# How a stopped command continues (exit 75): only teacher/distill take --resume.
+HOW_TO_CONTINUE = {
+    "teacher": "continue with --resume auto", "distill": "continue with --resume auto",
+    "generate": "rerun the same command to continue (stored PTs are kept)",
+    "study": "rerun the same `dskd study` command to continue (finished cells are reused; the interrupted cell "
+             "resumes from its checkpoint)",
+    "demo": "rerun `dskd demo` to continue (finished stages are reused; the interrupted one starts over)",
+    "evaluate": "rerun the same command",
+}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -117,12 +135,15 @@ def _user_error(exc: Exception) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from dskd.atomic import Unwritable, cannot_write, write_failure
+
     args = _parser().parse_args(argv)
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
     if args.stage == "serve-teacher":
         _quiet_libraries(rank)
         from dskd.serve.cli import serve_main  # heavy (torch, transformers): loaded only for this command
 
+        preemption.say_on_interrupt("serve-teacher stopped by Ctrl-C")  # uvicorn stops, then re-raises it
         try:
             return serve_main(args)
         except ConfigError as exc:
@@ -140,9 +161,13 @@ def main(argv: list[str] | None = None) -> int:
             return 0
     except ConfigError as exc:
         return _user_error(exc)
+    except Unwritable as exc:  # the preflight's write probe: a read-only or full output directory, no permission
+        return _user_error(cannot_write(exc, Path(exc.filename)))
 
     _quiet_libraries(rank)
+    preemption.set_how_to_continue(HOW_TO_CONTINUE[args.stage])
     # The stages and their errors import torch and DeepSpeed: loaded only once the recipe passed the preflight.
+    from dskd.blackbox.client import EndpointError
     from dskd.blackbox.generate import EndpointGenerationStopped
     from dskd.trainer import TrainingDiverged
 
@@ -157,12 +182,17 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as exc:
         print(f"dskd: error: {exc}", file=sys.stderr)
         return 3
-    except EndpointGenerationStopped as exc:  # endpoint unreachable / budget spent; finished PTs are saved
-        print(f"dskd: error: {exc}", file=sys.stderr)
+    except (EndpointGenerationStopped, EndpointError) as exc:  # unreachable / key refused / budget spent
+        print(f"dskd: error: {exc}", file=sys.stderr)  # finished PTs are saved; messages are redacted, one line
         return 4
     except KeyboardInterrupt:  # the second Ctrl-C (see dskd.preemption)
         print("dskd: aborted by a second Ctrl-C; nothing saved since the last checkpoint", file=sys.stderr)
-        return 130
+        return preemption.EXIT_INTERRUPTED
+    except Exception as exc:  # a write that failed where the stage writes (a disk that filled up): one line, exit 2
+        output_dir = Path(recipe.run.output_dir) if recipe is not None else None
+        if (failure := write_failure(exc, output_dir)) is None:
+            raise
+        return _user_error(cannot_write(failure, output_dir or Path(".")))
     finally:
         from dskd.engines import shutdown_distributed  # DeepSpeed: heavy, and loaded by then if it matters
 
@@ -183,8 +213,8 @@ def _recipe(args, overrides: list[str]) -> Recipe | None:
         recipe = load_recipe(args.config, overrides)
     if args.stage == "study":
         study_cells(recipe)
-    if not getattr(args, "print_recipe", False):
-        _preflight(recipe, args.stage)
+    if not (getattr(args, "print_recipe", False) or getattr(args, "list_cells", False)):
+        _preflight(recipe, args.stage)  # printing the recipe or the grid reads no model or data file
     return recipe
 
 
@@ -213,6 +243,9 @@ def _preflight(recipe: Recipe, stage: str) -> None:
                 raise ConfigError(f"evaluate.students: student '{name}' has no exported model in "
                                   f"{student_dir(recipe, name) / 'model'}; run `dskd distill` with "
                                   f"student.name={name} first")
+    from dskd.atomic import check_writable
+
+    check_writable(recipe.run.output_dir)  # read-only, full, no permission: one line now, not a traceback later
 
 
 def _model_inputs(recipe: Recipe, stage: str) -> list[tuple[str, bool, bool]]:

@@ -9,9 +9,10 @@ Contracts:
     early (preemption checkpoint, divergence), so it never raises — a failed plot is a warning, the training
     result (or the exception being raised) stands.
   - Loss curves: `train/loss` per optimizer step from `TrainState.losses`; `train/kd` and `train/ce` at the steps
-    the run logged them (read back from the MLflow run, so they appear only when tracking is on; a series that
-    is zero throughout, KD in a CE-only run, is left out); dotted vertical lines mark phase boundaries, each
-    phase named above its span.
+    the run logged them (as the tracker kept them in memory, `Tracker.metric_history`: nothing is read back from
+    a tracking server, which may have died during the run; so they appear only when tracking is on; a series
+    that is zero throughout, KD in a CE-only run, is left out); dotted vertical lines mark phase boundaries,
+    each phase named above its span.
   - Quality vs latency: ROUGE-L (y) against batch-1 `generate()` latency in ms (x, mean ± std), one labeled
     point per model that was timed (teacher, students); the label carries parameters and greedy throughput;
     the constant-output baseline, which has no latency, is a horizontal line.
@@ -23,10 +24,8 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-import mlflow
-
 from dskd.atomic import atomic_write
-from dskd.tracking import Tracker
+from dskd.tracking import REMEMBERED_METRICS, Tracker
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -35,7 +34,7 @@ log = logging.getLogger(__name__)
 
 DPI = 100
 SIZE = (9.0, 5.5)  # inches: 900x550 px, readable in the MLflow artifact pane
-LOGGED_LOSSES = ("train/kd", "train/ce")
+LOGGED_LOSSES = REMEMBERED_METRICS  # train/kd, train/ce
 Series = tuple[Sequence[int], Sequence[float]]  # steps, values
 
 
@@ -104,21 +103,11 @@ def loss_series(losses: Sequence[float], logged: dict[str, Series]) -> dict[str,
 
 
 def logged_history(run: Tracker, keys: Sequence[str] = LOGGED_LOSSES) -> dict[str, Series]:
-    """The (step, value) history of `keys` in the run's MLflow store; empty when tracking is off or the store
-    cannot be read (the curve of `train/loss` does not need it)."""
+    """The (step, value) history of `keys` as the run logged them, from the tracker's memory (no request: the
+    server may be gone); empty when tracking is off (the curve of `train/loss` does not need it)."""
     if not run.active or run.run_id is None:
         return {}
-    client = mlflow.MlflowClient(run.uri)  # read-only; Tracker has no reading method (yet)
-    out = {}
-    try:
-        for key in keys:
-            history = sorted(client.get_metric_history(run.run_id, key), key=lambda m: (m.step, m.timestamp))
-            if history:
-                out[key] = ([m.step for m in history], [m.value for m in history])
-    except Exception as exc:  # noqa: BLE001 - e.g. a tracking server outage: plot what TrainState has
-        log.warning("loss curves without %s: cannot read them from %s (%s)", ", ".join(keys), run.uri, exc)
-        return {}
-    return out
+    return {key: history for key in keys if (history := run.metric_history(key))[0]}
 
 
 def log_loss_curves(run: Tracker, losses: Sequence[float], phases: Sequence[tuple[str, int]], path: Path,

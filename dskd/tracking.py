@@ -4,7 +4,12 @@ Every stage is a run; a pipeline (`dskd demo`) is a parent run with one child ru
 the sqlite file `<output_dir>/mlflow.db` unless the recipe or MLFLOW_TRACKING_URI names a server.
 Other ranks get a tracker whose methods do nothing, so call sites need no rank checks. A process killed
 outright cannot end its run: the next run of the same name opened in the same output directory marks it KILLED
-(tag `dskd.replaced_by`), whatever the stage (`<output_dir>/.mlflow-runs/<name>.json` remembers the last one).
+(tag `dskd.replaced_by`), whatever the stage. `<output_dir>/.mlflow-runs/<name>.json` lists the runs of that
+name opened there that may still be open, each with its owner (host, PID, the process's start time): a run
+whose owner is alive on this host stays RUNNING (another process is working on it); one whose owner is gone
+(no such PID, or the PID now belongs to a process started later) is marked KILLED. Whether a process on another
+host is alive cannot be told from here: a run opened on another host (or recorded before owners were) is
+assumed abandoned, as before, and marked KILLED if still RUNNING.
 
 Tracking-server outages. A server that is unreachable when a run opens is an error (`TrackingUnavailable`,
 naming the URI). One that goes away while a run is open does not stop training or generation:
@@ -15,7 +20,13 @@ naming the URI). One that goes away while a run is open does not stop training o
     buffer, without network, until a retry is due (6x what the failed try cost, within 2-60 s);
   - those writes use short HTTP settings (`_SHORT_HTTP`: 5 s timeout, no retries, no Retry-After sleeps)
     instead of MLflow's ~4 minutes of retries per call, so a dead server costs a training step milliseconds
-    (connection refused) and at most 5 s per try when requests time out;
+    (connection refused) and at most 5 s per try when requests time out; file and model uploads (which may
+    legitimately take long) first probe the server with a short request, then run without retries
+    (`_UPLOAD_HTTP`) but with MLflow's own timeout, so a server that dies mid-upload fails the upload at once
+    (buffered, retried later) and only one that stops answering mid-upload costs one request timeout;
+  - nothing reads back from the server at the end of a run: the metrics a picture needs (`REMEMBERED_METRICS`,
+    the loss curves of `dskd.plots`) are kept in memory as they are logged (`Tracker.metric_history`), read
+    once from the server when a resumed run reopens (while it is known to answer);
   - the buffer is replayed in order (metrics, params and tags grouped into log_batch calls, metrics with their
     original timestamps so that a replayed value the server already has is not stored twice) before the next
     write once the server answers, when the run ends, and when a resumed run (`--resume auto`) reopens it;
@@ -25,6 +36,12 @@ naming the URI). One that goes away while a run is open does not stop training o
 A buffer belongs to the process running its run (an flock on `<run_id>.lock`): replays by others skip it.
 A record the reachable server keeps rejecting is moved to `<run_id>.rejected.jsonl` with a warning, so one
 bad record never holds the rest back.
+
+A full disk. A run whose stage fails is ended FAILED (KILLED for Ctrl-C) even when the disk that filled up holds
+the store (the default `<output_dir>/mlflow.db`): a tracker whose SQLite store is on the output directory's file
+system keeps `<output_dir>/.mlflow-runs/disk-reserve` (`_RESERVE_BYTES`, written when it starts if there is room),
+and gives it up when a failed run ends while the output directory cannot be written, so that SQLite can record
+the end.
 """
 
 from __future__ import annotations
@@ -36,9 +53,10 @@ import json
 import logging
 import os
 import re
+import socket
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -54,16 +72,18 @@ import requests
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException, RestException
 
-from dskd.atomic import atomic_write_text
+from dskd.atomic import WRITE_ERRNOS, atomic_write_text, check_writable
 from dskd.config import ConfigError, DataConfig, Recipe, TrackingConfig, flatten, to_yaml
 
 if _MLFLOW_LEVEL_IS_OURS and logging.getLogger("mlflow").level < logging.WARNING:  # imported before us
     logging.getLogger("mlflow").setLevel(logging.WARNING)
+if _MLFLOW_LEVEL_IS_OURS:  # it logs each SQLite error with a traceback, then raises it (a full disk: dskd reports it)
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 log = logging.getLogger(__name__)
 
 BUFFER_DIR = ".mlflow-buffer"
-LAST_RUNS_DIR = ".mlflow-runs"  # <name>.json: the run a start of that name last opened in this output directory
+LAST_RUNS_DIR = ".mlflow-runs"  # <name>.json: the runs of that name opened in this output directory, with owners
 
 # The HTTP settings of the calls a run makes while it trains (metrics, params, tags, text and table artifacts,
 # run status; file and model uploads, which may legitimately take long, only for a probing request first):
@@ -71,6 +91,13 @@ LAST_RUNS_DIR = ".mlflow-runs"  # <name>.json: the run a start of that name last
 # user set wins.
 _SHORT_HTTP = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "5", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
                "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MLFLOW_HTTP_RESPECT_RETRY_AFTER_HEADER": "false"}
+# Uploads (files, models with the requests MLflow's model logging makes around them) keep MLflow's timeout, which
+# bounds each read of the server's answer and not the upload (a proxied artifact store answers after it stored the
+# file), but never retry: retries are what costs minutes when the server died mid-upload.
+_UPLOAD_HTTP = {k: v for k, v in _SHORT_HTTP.items() if k != "MLFLOW_HTTP_REQUEST_TIMEOUT"}
+# Metrics whose (step, value) history a run keeps in memory for the loss-curve picture drawn at a training stage's
+# end (`dskd.plots`): reading them back from the server would wait on a server that died during the run.
+REMEMBERED_METRICS = ("train/kd", "train/ce")
 # Offline, the next try comes after 6x what the failed one cost, within [2 s, 60 s]: every 2 s while the server
 # refuses connections (a try costs milliseconds), every 30 s when requests time out (5 s each: a host that drops
 # packets, or a restarted server still opening its store), so waiting on a dead server never takes more than
@@ -81,6 +108,9 @@ _BATCH = {"metrics": 1000, "params": 100, "tags": 100}  # MLflow's log_batch lim
 # about 0.5 s and leaves the rest to the next writes, so that no training step waits for the whole backlog
 # (thousands of values take a busy server many seconds); a run's end replays everything.
 _REPLAY_BATCH, _REPLAY_SLICE_S = 250, 0.5
+# Room kept on the output directory's disk for ending a failed run in the SQLite store there when that disk is full:
+# an UPDATE of the run's row and its rollback journal take a few pages; this leaves a wide margin.
+_RESERVE_BYTES = 256 << 10
 
 
 class TrackingUnavailable(ConfigError):
@@ -96,10 +126,11 @@ def tracking_uri(cfg: TrackingConfig, output_dir: Path) -> str:
 
 
 @contextmanager
-def _short_http() -> Iterator[None]:
-    """`_SHORT_HTTP` for the calls inside (MLflow reads these variables on every request)."""
-    added = [k for k in _SHORT_HTTP if k not in os.environ]
-    os.environ.update({k: _SHORT_HTTP[k] for k in added})
+def _short_http(settings: dict[str, str] = _SHORT_HTTP) -> Iterator[None]:
+    """`settings` (`_SHORT_HTTP` or `_UPLOAD_HTTP`) for the calls inside (MLflow reads these variables on every
+    request); nested blocks keep the outer block's values."""
+    added = [k for k in settings if k not in os.environ]
+    os.environ.update({k: settings[k] for k in added})
     try:
         yield
     finally:
@@ -128,6 +159,66 @@ def _answered(exc: BaseException) -> bool:
     """The server (or a proxy) answered, with an error status: it is reachable."""
     text = str(exc)
     return isinstance(exc, RestException) or "error responses" in text or "failed with error code" in text
+
+
+@contextmanager
+def _flocked(path: Path) -> Iterator[None]:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _keep_reserve(path: Path) -> None:
+    """Write the disk reserve unless it is there (random bytes: a compressing file system keeps their size);
+    without room for it, go on without one."""
+    try:
+        if path.is_file() and path.stat().st_size >= _RESERVE_BYTES:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as fh:
+            fh.write(os.urandom(_RESERVE_BYTES))
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError:
+        path.unlink(missing_ok=True)
+
+
+def _recorded_runs(marker: Path) -> list[dict]:
+    """The runs a `LAST_RUNS_DIR` marker lists (a marker of an older dskd names one run, without owner)."""
+    if not marker.is_file():
+        return []
+    data = json.loads(marker.read_text())
+    return data["runs"] if "runs" in data else [{"run_id": data["run_id"]}]
+
+
+def _start_time(pid: int) -> str | None:
+    """When process `pid` started (clock ticks since boot, /proc/<pid>/stat field 22); None where unknown."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _this_process() -> dict:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "started": _start_time(os.getpid())}
+
+
+def _alive(owner: dict) -> bool | None:
+    """Whether the process a marker entry names is alive: True/False on this host, None when it cannot be told
+    (another host, or no owner recorded). A PID now held by a process started later is not the owner."""
+    if owner.get("host") != socket.gethostname() or "pid" not in owner:
+        return None
+    try:
+        os.kill(owner["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        pass
+    started = _start_time(owner["pid"])
+    return not (owner.get("started") and started and started != owner["started"])
 
 
 def _brief(exc: BaseException) -> str:
@@ -267,13 +358,13 @@ def _groups(records: list[dict]) -> Iterator[tuple[int, int]]:
 
 def _send(client, uri: str, run_id: str, records: list[dict]) -> None:
     """Send one group (see `_groups`) to the run. Small writes use the short HTTP settings; files and models
-    first check the server with a short request, then upload with MLflow's own settings (a long upload is not
-    cut short)."""
+    first check the server with a short request, then upload without retries and with MLflow's own timeout (a
+    long upload is not cut short)."""
     first = records[0]
     kind = first["kind"]
     if kind in ("artifact", "model"):
         _probe(client, run_id)
-    with _short_http() if kind not in ("artifact", "model") else nullcontext():
+    with _short_http(_UPLOAD_HTTP if kind in ("artifact", "model") else _SHORT_HTTP):
         if kind in _BATCH:
             batch = {k: [] for k in _BATCH}
             for r in records:
@@ -383,11 +474,15 @@ class Tracker:
         self._unfinished: set[str] = set()  # our runs that ended with records still buffered
         self._contended: set[str] = set()  # runs whose buffer another process holds (warned once)
         self._replayed = 0  # records replayed since the current outage began
+        self._remembered: dict[str, dict[str, dict[int, float]]] = {}  # run id -> REMEMBERED_METRICS: step -> value
         if self.active:
             os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
             self.uri = tracking_uri(cfg, self.output_dir)
             self.output_dir.mkdir(parents=True, exist_ok=True)
             self.buffer = OutageBuffer(self.output_dir / BUFFER_DIR)
+            self._reserve = self.output_dir / LAST_RUNS_DIR / "disk-reserve"
+            if self._store_shares_disk():
+                _keep_reserve(self._reserve)
             # Client API only: mlflow.set_tracking_uri would export MLFLOW_TRACKING_URI and leak this run's
             # store into every later stage of the same process.
             self._client = mlflow.MlflowClient(self.uri)
@@ -433,10 +528,10 @@ class Tracker:
             if run_id:
                 self._client.update_run(run_id, status="RUNNING")
                 self._client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in all_tags.items()])
+                self._recall(run_id)
             else:
                 run_id = self._client.create_run(self.experiment_id, run_name=name, tags=all_tags).info.run_id
-        if created:
-            self._replace_abandoned(name, run_id)
+        self._replace_abandoned(name, run_id)  # a resumed run too: this process is its owner now
         self._names[run_id] = name
         previous, self.run_id = self.run_id, run_id
         if self.buffer.pending(run_id):  # a resumed run's leftovers from an outage before it stopped
@@ -446,6 +541,7 @@ class Tracker:
             yield self
         except BaseException as exc:
             self.run_id = previous
+            self._make_room()
             try:
                 self._end(run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
             except Exception as end_exc:  # never hide why the run failed
@@ -456,25 +552,96 @@ class Tracker:
 
     def _replace_abandoned(self, name: str, run_id: str) -> None:
         """A process killed outright (SIGKILL, a lost node) never ends its run, and a stage that starts over opens
-        a new one: the run of this name that the last start in this output directory opened is marked KILLED
-        (tag `dskd.replaced_by`) if it is still RUNNING, and this run is remembered in its place. Never raises: a
-        stale run's status is not worth stopping a start for."""
+        a new one: the runs of this name opened in this output directory that are still RUNNING and whose owner
+        is not alive here are marked KILLED (tag `dskd.replaced_by`); this run is recorded with this process as
+        its owner (see the module docstring). Never raises: a stale run's status is not worth stopping a start."""
         marker = self.output_dir / LAST_RUNS_DIR / f"{re.sub(r'[^A-Za-z0-9._-]', '_', name)}.json"
         try:
-            previous = json.loads(marker.read_text())["run_id"] if marker.is_file() else None
-            if previous and previous != run_id:
-                with _short_http():
-                    if self._client.get_run(previous).info.status == "RUNNING":
-                        self._client.set_tag(previous, "dskd.replaced_by", run_id)
-                        self._client.set_terminated(previous, status="KILLED")
-                        log.warning("MLflow run %s was left RUNNING by a killed process; marked KILLED (replaced "
-                                    "by %s, '%s')", previous, run_id, name)
-            atomic_write_text(marker, json.dumps({"run_id": run_id}))
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            with _flocked(marker.parent / ".lock"):  # two starts at once must not lose each other's record
+                kept = [entry for entry in _recorded_runs(marker)
+                        if entry["run_id"] != run_id and not self._closed_if_abandoned(entry, name, run_id)]
+                atomic_write_text(marker, json.dumps({"runs": kept + [{"run_id": run_id, "uri": self.uri,
+                                                                       **_this_process()}]}))
         except Exception as exc:
-            log.warning("MLflow: could not check the last '%s' run in %s: %s", name, self.output_dir, _brief(exc))
+            log.warning("MLflow: could not check the earlier '%s' runs in %s: %s", name, self.output_dir,
+                        _brief(exc))
+
+    def _closed_if_abandoned(self, entry: dict, name: str, run_id: str) -> bool:
+        """Whether `entry` (a run recorded in the marker) needs no more watching: ended, or marked KILLED now
+        because its owner is gone. A run a live process here holds, one of another store and one the server
+        cannot be asked about now stay recorded for the next start."""
+        if entry.get("uri", self.uri) != self.uri:
+            return False
+        try:
+            with _short_http():
+                if self._client.get_run(entry["run_id"]).info.status != "RUNNING":
+                    return True
+                alive = _alive(entry)
+                if alive:
+                    log.warning("MLflow run %s ('%s') is RUNNING in process %s, which is alive on this host: left "
+                                "as it is (two processes run '%s' in %s)", entry["run_id"], name, entry["pid"],
+                                name, self.output_dir)
+                    return False
+                self._client.set_tag(entry["run_id"], "dskd.replaced_by", run_id)
+                self._client.set_terminated(entry["run_id"], status="KILLED")
+        except Exception as exc:
+            log.warning("MLflow: run %s ('%s') recorded in %s cannot be checked: %s", entry["run_id"], name,
+                        self.output_dir / LAST_RUNS_DIR, _brief(exc))
+            return not _unavailable(exc)  # e.g. not in this store any more; unreachable: try again next time
+        where = ("on this host" if alive is False else
+                 f"on host {entry['host']}, assumed gone" if entry.get("host") else "(no owner recorded)")
+        log.warning("MLflow run %s was left RUNNING by a killed process %s; marked KILLED (replaced by %s, '%s')",
+                    entry["run_id"], where, run_id, name)
+        return True
+
+    def _store_shares_disk(self) -> bool:
+        """Whether the store is a SQLite file on the output directory's file system (the default store)."""
+        if not self.uri.startswith("sqlite:///"):
+            return False
+        try:
+            return Path(self.uri[len("sqlite:///"):]).parent.stat().st_dev == self.output_dir.stat().st_dev
+        except OSError:
+            return False
+
+    def _make_room(self) -> None:
+        """Give up the disk reserve if the output directory cannot be written (perhaps why the run failed): the
+        run's end must reach a store on that disk."""
+        try:
+            check_writable(self.output_dir, 4096)
+        except OSError as exc:
+            if exc.errno in WRITE_ERRNOS:
+                self._reserve.unlink(missing_ok=True)
+
+    def _recall(self, run_id: str) -> None:
+        """A reopened run's `REMEMBERED_METRICS` so far: what the server has, then what is still buffered (read
+        while the server is known to answer; the end of the run reads nothing back)."""
+        kept = self._remembered.setdefault(run_id, {})
+        for key in REMEMBERED_METRICS:
+            for m in self._client.get_metric_history(run_id, key):
+                kept.setdefault(key, {})[m.step] = m.value
+        if self.buffer.pending(run_id):
+            for record in self.buffer.read(run_id)[1]:
+                if record["kind"] == "metrics":
+                    self._remember(run_id, record["metrics"])
+
+    def _remember(self, run_id: str | None, items: list) -> None:
+        if run_id is None:
+            return
+        kept = self._remembered.setdefault(run_id, {})
+        for key, value, _, step in items:
+            if key in REMEMBERED_METRICS:
+                kept.setdefault(key, {})[step] = value
+
+    def metric_history(self, key: str) -> tuple[list[int], list[float]]:
+        """(steps, values) of a `REMEMBERED_METRICS` key in the current run, from memory: no request, so a dead
+        server costs nothing here. Empty when tracking is off or nothing was logged."""
+        history = sorted(self._remembered.get(self.run_id, {}).get(key, {}).items())
+        return [step for step, _ in history], [value for _, value in history]
 
     def _end(self, run_id: str, status: str) -> None:
         """Flush the run's buffer and terminate it, or buffer the end and say what is left where."""
+        self._remembered.pop(run_id, None)
         end_time = int(time.time() * 1000)
         if self._flush(run_id, force=True):
             started = time.monotonic()
@@ -585,8 +752,9 @@ class Tracker:
         if not self.active or not metrics:
             return
         now = int(time.time() * 1000)  # kept when buffered: a replayed value the server has is not stored twice
-        self._write_items("metrics", [[k.replace("@", "_"), float(v), now, step or 0]
-                                      for k, v in metrics.items() if v is not None])
+        items = [[k.replace("@", "_"), float(v), now, step or 0] for k, v in metrics.items() if v is not None]
+        self._remember(self.run_id, items)
+        self._write_items("metrics", items)
 
     def set_tags(self, tags: dict[str, str]) -> None:
         if self.active:
@@ -707,7 +875,8 @@ def _log_seq2seq_model(uri: str, run_id: str, model_dir: Path, example: str, max
 @contextmanager
 def _fluent_run(uri: str, run_id: str):
     """MLflow's model logging uses the fluent API, which needs a process-wide tracking URI: set it for this
-    call only and restore the environment afterwards so later stages keep their own store."""
+    call only and restore the environment afterwards so later stages keep their own store. Its requests (the
+    run's end by `start_run`'s exit included) never retry (`_UPLOAD_HTTP`)."""
     saved_env = os.environ.get("MLFLOW_TRACKING_URI")
     # Saving a pyfunc model copies its artifacts (the export directory) under a "Downloading artifacts" bar;
     # dskd's own lines say what is being logged. A user who sets the variable decides.
@@ -716,7 +885,7 @@ def _fluent_run(uri: str, run_id: str):
         os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
     mlflow.set_tracking_uri(uri)
     try:
-        with mlflow.start_run(run_id=run_id):
+        with _short_http(_UPLOAD_HTTP), mlflow.start_run(run_id=run_id):
             yield
     finally:
         if bar_is_ours:

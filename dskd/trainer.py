@@ -396,8 +396,8 @@ class Trainer:
             ctx.run.log_metrics(metrics, step=step)
         if preemption.agreed():
             self.save()
-            raise preemption.Preempted(f"{ctx.label}: checkpointed at step {step} in {ctx.checkpoints}; resume with "
-                                       "--resume auto")
+            raise preemption.Preempted(f"{ctx.label}: checkpointed at step {step} in {ctx.checkpoints}; "
+                                       f"{preemption.how_to_continue()}")
         if ctx.train.save_every and step % ctx.train.save_every == 0:
             self.save()
             if stalled_since is None:  # during a stall streak, keep the checkpoints from before it

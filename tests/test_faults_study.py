@@ -136,3 +136,27 @@ def test_list_cells_reads_no_model_and_errors_do_not_dump_the_recipe(tmp_path):
     assert bad.returncode == 2
     assert "study.reference='nope' is not a variant; variants: finetune, joint_teaching" in bad.stderr
     assert "{'seeds'" not in bad.stderr and "Value error" not in bad.stderr and len(bad.stderr) < 400, bad.stderr
+
+
+def test_a_study_stopped_in_a_cell_says_to_rerun_the_study_not_resume_auto(tmp_path):
+    """`dskd study` takes no --resume (a rerun continues): the stop message must not send the user to it."""
+    import os
+    import signal
+    import time
+
+    cmd = [sys.executable, "-m", "dskd", "study", "--quick", "--output-dir", str(tmp_path / "study"),
+           f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "study.steps=2000", "study.eval_every=0",
+           "data.max_examples.labeled=64", "data.max_examples.unlabeled=32", "teacher.train.epochs=1"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 600
+    for line in proc.stdout:  # the first cell has started training
+        if "(1/4): training" in line or time.monotonic() > deadline:
+            break
+    time.sleep(3)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("dskd: distill: checkpointed at step") and "--resume" not in last, last
+    assert "rerun the same `dskd study` command to continue" in last
