@@ -91,6 +91,10 @@ class ModelConfig(Strict):
     quantization: Literal["none", "8bit", "4bit"] = "none"
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
     trust_remote_code: bool = False
+    # Activation checkpointing of the model while it is trained: each layer's activations are recomputed in
+    # backward instead of kept (exact; ~1/3 more compute). The student in `dskd distill`; for the teacher, its
+    # fine-tuning in `dskd teacher` only (the distill stages' teacher never runs backward).
+    gradient_checkpointing: bool = False
 
 
 class OptimConfig(Strict):

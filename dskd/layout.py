@@ -57,13 +57,18 @@ def pt_store_dir(recipe: Recipe) -> Path:
     return Path(recipe.generate.output) if recipe.generate.output else Path(recipe.run.output_dir) / "pts"
 
 
+# Model keys that change how a result is computed, not the result (activation checkpointing is exact): a stage
+# finished with or without them is the same stage.
+RESULT_NEUTRAL = {"gradient_checkpointing"}
+
+
 def stage_key(recipe: Recipe, stage: Stage) -> str:
     """What a finished stage depends on: rerunning with the same key reuses its result."""
     parts = {"seed": recipe.run.seed, "data": recipe.data.model_dump(mode="json"),
-             "teacher": recipe.teacher.model_dump(mode="json")}
+             "teacher": recipe.teacher.model_dump(mode="json", exclude=RESULT_NEUTRAL)}
     if stage == "distill":
-        parts.update(student=recipe.student.model_dump(mode="json"), distill=recipe.distill.model_dump(mode="json"),
-                     generate=recipe.generate.model_dump(mode="json"))
+        parts.update(student=recipe.student.model_dump(mode="json", exclude=RESULT_NEUTRAL),
+                     distill=recipe.distill.model_dump(mode="json"), generate=recipe.generate.model_dump(mode="json"))
     return content_key(parts)
 
 

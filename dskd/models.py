@@ -1,4 +1,5 @@
-"""Teacher and student models: load, build from a config, prune, check vocabularies, expose hidden states.
+"""Teacher and student models: load, build from a config, prune, check vocabularies, expose hidden states,
+turn on activation checkpointing for the model a stage trains.
 
 The training loop never asks a model for logits: `HiddenStateLM` returns the final hidden states exactly as
 the model's own LM head would see them (T5's d_model^-0.5 scaling included) plus the head's weight and bias,
@@ -234,6 +235,29 @@ def _reindex(layer: nn.Module, idx: int) -> None:
     for module in layer.modules():
         if hasattr(module, "layer_idx"):
             module.layer_idx = idx
+
+
+def enable_activation_checkpointing(model: PreTrainedModel, role: str) -> None:
+    """Recipe `{role}.gradient_checkpointing`: every transformer layer of the model to train keeps only its input
+    and recomputes the rest in backward, for activation memory of one layer instead of all of them.
+
+    Non-reentrant torch checkpointing: it needs no input that requires grad, lets gradients flow through
+    tensors captured inside a layer (attention-relation KD's Q/K/V), replays the layer's RNG (dropout) exactly,
+    and re-gathers ZeRO-3 parameters through DeepSpeed's submodule hooks on recompute. Hugging Face applies it
+    only in train mode with grad enabled, so generation (eval mode, no_grad, use_cache) runs as before.
+    """
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"{role}.gradient_checkpointing: {type(model).__name__} does not support activation "
+                          f"checkpointing; set {role}.gradient_checkpointing=false")
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # newer transformers: the old name is a warning alias
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    # The embedding hook HF adds (output.requires_grad_) is for reentrant checkpointing and frozen embeddings;
+    # the student's embeddings train, and the hook would also fire on every no_grad generation forward.
+    if getattr(model, "_require_grads_hooks", None) or hasattr(model, "_require_grads_hook"):
+        model.disable_input_require_grads()
 
 
 def parameter_count(model: nn.Module) -> int:

@@ -49,6 +49,8 @@ class StudentWithLoss(torch.nn.Module):
         return self.lm.model
 
     def forward(self, batch: dict, config: KDLossConfig, normalizer: torch.Tensor, signal: "Signal") -> KDLossOutput:
+        # The capture hooks are gone before backward: an activation-checkpointed layer's recompute (recipe
+        # gradient_checkpointing) does not overwrite what they captured, and gradients flow through it.
         with signal.capturing(self.hf_model) as captured:
             hidden = self.lm(batch)
         weight, bias = self.lm.head()

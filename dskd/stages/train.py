@@ -3,7 +3,8 @@
 `TrainingStage.run()` reads top to bottom, like a torchtune recipe:
     setup_data     labeled split, dev split, tokenizers (the teacher signal decides the targets'; the student
                    uses its own when it names one), PT store; skip and truncation counts printed per split
-    setup_models   the model to train (built, loaded or pruned from the teacher) and, for KD, the teacher
+    setup_models   the model to train (built, loaded or pruned from the teacher; activation checkpointing when
+                   its section sets gradient_checkpointing) and, for KD, the teacher
     setup_engines  the student engine (optimizer, ZeRO 0-3); the teacher placed by `LocalTeacher.place`
     resume         `--resume auto`: the latest complete checkpoint, its RNG state and `TrainState`
     train          `dskd.trainer.Trainer.fit` inside an MLflow run, with SIGUSR1/SIGTERM handling; the loss curves
@@ -41,6 +42,7 @@ from dskd.models import (
     check_tokenizers,
     check_vocab_rows,
     detect_arch,
+    enable_activation_checkpointing,
     load_model,
     load_tokenizer,
     parameter_count,
@@ -195,6 +197,9 @@ class TrainingStage:
             else:
                 self.student_hf = build_model(recipe.student, tokenizer)  # the student's own tokenizer
             self.teacher_hf = teacher if needs_teacher else None
+        role = "teacher" if self.stage == "teacher" else "student"  # the trained model's recipe section
+        if getattr(recipe, role).gradient_checkpointing:
+            enable_activation_checkpointing(self.student_hf, role)
         self.vocab = check_vocab_rows(self.student_hf, tokenizer, "student")
         if self.teacher_hf is not None:
             check_vocab_rows(self.teacher_hf, teacher_tokenizer, "teacher")
