@@ -31,7 +31,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -42,6 +41,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from vs_trl import cpu_model  # noqa: E402  (one lscpu reader for every benchmark; stdlib-only import)
 
 SEED = 42
 VOCAB, ROWS, SEQ, TARGETS = 32000, 8, 512, 256
@@ -49,14 +49,6 @@ STUDENT = {"hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 8
            "num_key_value_heads": 8}
 MODES = ("plain", "checkpointed")
 MMAP_THRESHOLD = "131072"
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 class PeakRss:
@@ -141,7 +133,8 @@ def child(mode: str, repeats: int, threads: int) -> dict:
     sampler.close()
     return {"mode": mode, "params": sum(p.numel() for p in model.parameters()), "first_loss": first_loss,
             "step_s": statistics.median(seconds), "steps_s": seconds,
-            "activation_mib": statistics.median(activations) / 2**20, "activations_mib": [a / 2**20 for a in activations],
+            "activation_mib": statistics.median(activations) / 2**20,
+            "activations_mib": [a / 2**20 for a in activations],
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "threads": torch.get_num_threads(), "torch": torch.__version__}
 

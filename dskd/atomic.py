@@ -6,12 +6,12 @@ write that fails (a full disk) removes its temporary file, so it does not keep t
 mid-write leaves at most a stray `.tmp-*` file behind.
 
 Unwritable directories (a read-only mount, no permission, a full disk or quota): `check_writable` creates a
-directory and writes, fsyncs and removes a probe file in it, raising `Unwritable` (an OSError naming the
-directory, with the errno a real write met) if any of it fails (the CLI's preflight, before anything loads). `write_failure` tells whether an exception raised by a stage was such a
-failed write, wherever it came from: an OSError in its chain, an error of a library that writes files itself
-(Rust's "(os error N)", SQLite's "database or disk is full", torch's checkpoint writer, which gives no errno)
-confirmed by probing the directory the stage writes. `cannot_write` is the one-line message that names the path,
-the reason and what to do.
+directory and writes, fsyncs and removes a probe file in it, raising `Unwritable` (an OSError naming the directory,
+with the errno a real write met) if any of it fails (the CLI's preflight, before anything loads). `write_failure`
+tells whether an exception raised by a stage was such a failed write, wherever it came from: an OSError in its
+chain, an error of a library that writes files itself (Rust's "(os error N)", SQLite's "database or disk is full",
+torch's checkpoint writer, which gives no errno) confirmed by probing the directory the stage writes.
+`cannot_write` is the one-line message that names the path, the reason and what to do.
 """
 
 from __future__ import annotations

@@ -137,3 +137,13 @@ def launch_env(**extra: str) -> dict[str, str]:
            if k not in {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"}}
     env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", **extra)
     return env
+
+
+def open_run_then(uri: str, out_dir, then: str) -> str:
+    """Python source for a child that opens a Tracker run named 'generate', prints its id, then runs `then`
+    (e.g. `os._exit(0)`: dies without cleanup; `time.sleep(600)`: holds the run while alive)."""
+    return ("import os, sys, time\nfrom pathlib import Path\nfrom dskd.config import TrackingConfig\n"
+            "from dskd.tracking import Tracker\n"
+            f"opened = Tracker(TrackingConfig(experiment='tests', uri={uri!r}), Path({str(out_dir)!r}))"
+            ".run('generate')\n"
+            f"print(opened.__enter__().run_id, flush=True)\n{then}\n")

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from dskd.tracking import BUFFER_DIR
-from tests.conftest import launch_env, tiny_recipe
+from tests.conftest import launch_env, open_run_then, tiny_recipe
 from tests.test_tracking_outage import _free_port, _start_server, _stop, _wait_healthy
 
 
@@ -90,10 +90,7 @@ def test_a_run_held_by_a_live_process_is_not_marked_killed_until_that_process_is
     from dskd.tracking import Tracker
 
     cfg = TrackingConfig(experiment="tests", uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    holds = ("import sys, time\nfrom pathlib import Path\nfrom dskd.config import TrackingConfig\n"
-             "from dskd.tracking import Tracker\n"
-             f"opened = Tracker(TrackingConfig(experiment='tests', uri={cfg.uri!r}), Path({str(tmp_path)!r}))"
-             ".run('generate')\nprint(opened.__enter__().run_id, flush=True)\ntime.sleep(600)\n")
+    holds = open_run_then(cfg.uri, tmp_path, "time.sleep(600)")
     holder = subprocess.Popen([sys.executable, "-c", holds], stdout=subprocess.PIPE, text=True, env=launch_env())
     try:
         first = holder.stdout.readline().strip()

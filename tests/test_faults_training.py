@@ -113,7 +113,8 @@ def test_a_second_run_into_a_busy_directory_is_refused_naming_the_holder_and_a_d
                               capture_output=True, text=True, timeout=300, env=launch_env(), cwd=tmp_path)
         assert busy.returncode == 2, busy.stderr
         lines = busy.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("dskd: error: ") and "in use by another `dskd teacher`" in lines[0]
+        assert len(lines) == 1 and lines[0].startswith("dskd: error: ")
+        assert "in use by another `dskd teacher`" in lines[0]
         assert f"PID {holder.pid}" in lines[0] and socket.gethostname() in lines[0]
         assert not (teacher_dir / "checkpoints").exists() and not (tmp_path / "out" / "mlflow.db").exists()
     finally:

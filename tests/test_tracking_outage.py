@@ -26,7 +26,7 @@ from mlflow.protos.databricks_pb2 import ENDPOINT_NOT_FOUND
 from dskd import tracking
 from dskd.config import ConfigError, TrackingConfig
 from dskd.tracking import BUFFER_DIR, Tracker, TrackingUnavailable
-from tests.conftest import launch_env, tiny_recipe
+from tests.conftest import launch_env, open_run_then, tiny_recipe
 
 DOWN = MlflowException("API request to http://127.0.0.1:1/api/2.0/mlflow/runs/log-batch failed with exception "
                        "HTTPConnectionPool(host='127.0.0.1', port=1): Max retries exceeded (Caused by "
@@ -372,10 +372,7 @@ def test_server_killed_and_restarted_mid_distill_loses_no_step(tiny_task, tmp_pa
 def test_a_run_its_process_never_ended_is_closed_by_the_next_run_of_that_name(tmp_path):
     """Any stage: the run a killed process left RUNNING is marked KILLED when the same name opens again here."""
     cfg = TrackingConfig(experiment="tests", uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    dies = ("import os, sys\nfrom pathlib import Path\nfrom dskd.config import TrackingConfig\n"
-            "from dskd.tracking import Tracker\n"
-            f"opened = Tracker(TrackingConfig(experiment='tests', uri={cfg.uri!r}), Path({str(tmp_path)!r}))"
-            ".run('generate')\nprint(opened.__enter__().run_id, flush=True)\nos._exit(0)  # no cleanup, like SIGKILL\n")
+    dies = open_run_then(cfg.uri, tmp_path, "os._exit(0)  # no cleanup, like SIGKILL")
     out = subprocess.run([sys.executable, "-c", dies], capture_output=True, text=True, check=True, timeout=300)
     first = out.stdout.split()[-1]
     client = mlflow.MlflowClient(cfg.uri)
