@@ -131,6 +131,13 @@ class TeacherConfig(ModelConfig):
     shard: bool = False  # ZeRO-3-partition the eval-only teacher engine across ranks
     offload: bool = False  # ...with its parameters on CPU
     train: TrainConfig = TrainConfig(optim=OptimConfig(lr=5e-5))
+    # Where logits KD gets the teacher's signal: `local`, its forward in this process on every micro-batch;
+    # `cached`, its top-k log-probs (+ tail mass) per target token, computed once into cache_dir and reused by
+    # every epoch, student, study cell and rerun (dskd.teacher_cache); Joint-Teaching's student samples still
+    # go through the local teacher. (A black-box teacher is still chosen by generate.endpoint.)
+    signal: Literal["local", "cached"] = "local"
+    cache_top_k: int = Field(64, ge=1)  # log-probs kept per target token (the rest is one tail bucket)
+    cache_dir: str | None = None  # default: <run.output_dir>/teacher_cache
 
 
 class StudentConfig(ModelConfig):
@@ -259,6 +266,9 @@ class StudyConfig(Strict):
     variants: dict[str, dict[str, Any]] = Field(default_factory=lambda: copy.deepcopy(PAPER_VARIANTS), min_length=1)
     reference: str = "joint_teaching"  # compared with every other variant by a paired test over dev examples
     resamples: int = Field(10_000, ge=100)  # paired bootstrap / permutation resamples
+    # cells whose objective a top-k teacher defines (logits KD, forward KL at T=1, no noisy or attention KD) read
+    # the teacher from one shared cache (teacher.signal=cached) instead of running its forward every step
+    teacher_cache: bool = True
 
     @field_validator("variants", mode="before")
     @classmethod
@@ -308,7 +318,25 @@ class Recipe(Strict):
             raise ValueError("distill.pt_splits is empty: list labeled and/or unlabeled")
         if self.generate.endpoint is not None:
             self._check_black_box()
+        if self.teacher.signal == "cached" and self.distill.loss == "kd":
+            self._check_cached_teacher()
         return self
+
+    def _check_cached_teacher(self) -> None:
+        """teacher.signal=cached: a stored top-k per target token defines what it can define."""
+        d, problems = self.distill, []
+        if d.divergence != "forward_kl" or d.temperature != 1.0:
+            problems.append("a top-k teacher defines forward_kl at temperature 1.0 only (distill.divergence, "
+                            "distill.temperature)")
+        if d.teacher_dropout:
+            problems.append("noisy KD (distill.teacher_dropout) draws a new teacher distribution every time")
+        if d.attention_relation_weight > 0:
+            problems.append("attention-relation KD needs the teacher's attention projections on every batch")
+        if self.generate.endpoint is not None:
+            problems.append("a black-box teacher (generate.endpoint) already stores its top-k with its PTs")
+        if problems:
+            raise ValueError("teacher.signal=cached: " + "; ".join(problems) + ". Use teacher.signal=local for this "
+                             "objective.")
 
     def _check_black_box(self) -> None:
         """generate.endpoint set: the teacher is remote, so only what its PTs and top-k log-probs define works."""

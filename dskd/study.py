@@ -2,7 +2,8 @@
 
     <run.output_dir>/
       shared/                     the base recipe with run.output_dir here: teacher/, pts/, data/ (one teacher and
-                                  one PT store serve every cell), teacher_eval.json
+                                  one PT store serve every cell), teacher_cache/ (its top-k, study.teacher_cache),
+                                  teacher_eval.json
       cells/<variant>-seed<S>/    a cell's run.output_dir: students/<variant>-seed<S>/ (model, checkpoints,
                                   DONE.json), cell.json (its evaluation, or its failure)
       report/                     study_report.md / .json, dev_rougeL_curves.png, quality_throughput.png
@@ -11,7 +12,9 @@
 A cell's recipe is the base recipe with the objective keys of `config.STUDY_RESET` reset, the variant's overrides
 applied, its seed, the shared teacher (loaded from shared/teacher/model when the base fine-tunes or builds it),
 the shared PT store and data, and `study.steps` optimizer steps whatever its pool size (distill.max_steps; epochs
-left to run out). Variants may change only what a cell owns: the student, the distill objective and its
+left to run out). With `study.teacher_cache` (the default), every cell whose objective a top-k teacher defines
+reads the teacher from one shared cache, shared/teacher_cache (teacher.signal=cached: the first cell to need a
+pair scores it, every later cell reads it); noisy and attention-relation KD keep the live teacher. Variants may change only what a cell owns: the student, the distill objective and its
 settings, and the teacher's runtime settings (e.g. teacher.config.dropout_rate for noisy KD); everything the
 shared teacher, PTs and data are built from is the base recipe's. `study_cells` validates every cell before
 anything trains: an unknown key fails naming the variant and the key.
@@ -31,6 +34,7 @@ from dskd.layout import content_key, pt_store_dir, stage_dir
 # Keys that define what every cell shares (or the study's own bookkeeping): a variant cannot change them.
 SHARED_KEYS = ("run", "tracking", "study", "data", "generate", "evaluate", "teacher.path", "teacher.init",
                "teacher.finetune", "teacher.train", "teacher.model_type", "teacher.tokenizer", "teacher.prune",
+               "teacher.cache_dir", "teacher.cache_top_k",
                "distill.max_steps", "distill.epochs", "distill.eval_every", "distill.eval_examples")
 EPOCHS_UNBOUNDED = 1e6  # a cell runs study.steps optimizer steps; its epochs never end first
 
@@ -98,6 +102,8 @@ def cell_recipe(recipe: Recipe, variant: str, seed: int) -> Recipe:
     if recipe.teacher.finetune or recipe.teacher.init != "pretrained":  # built by the study: read it back
         fixed.update({"teacher.init": "pretrained", "teacher.path": str(shared_teacher_dir(recipe)),
                       "teacher.finetune": False})
+    if recipe.study.teacher_cache and "teacher.signal" not in overrides and _cacheable(data):
+        fixed.update({"teacher.signal": "cached", "teacher.cache_dir": str(shared_teacher_cache_dir(recipe))})
     for key, value in fixed.items():
         set_dotted(data, key.split("."), value)
     try:
@@ -105,6 +111,18 @@ def cell_recipe(recipe: Recipe, variant: str, seed: int) -> Recipe:
     except ValidationError as exc:
         raise ConfigError(f"study.variants.{variant}: " + format_errors(exc, "the variant's overrides applied to the "
                                                                         "base recipe")) from None
+
+
+def shared_teacher_cache_dir(recipe: Recipe) -> Path:
+    return study_root(recipe) / "shared" / "teacher_cache"
+
+
+def _cacheable(data: dict) -> bool:
+    """Whether a cell's objective is one a cached top-k teacher defines (`Recipe._check_cached_teacher`)."""
+    d = data.get("distill", {})
+    return (d.get("loss", "kd") == "kd" and not d.get("teacher_dropout") and not d.get("attention_relation_weight")
+            and d.get("divergence", "forward_kl") == "forward_kl" and float(d.get("temperature", 1.0)) == 1.0
+            and not (data.get("generate") or {}).get("endpoint"))
 
 
 def study_cells(recipe: Recipe) -> list[Cell]:

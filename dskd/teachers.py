@@ -15,13 +15,21 @@ same object. Implementations:
                     mixes the fused logits KD with attention-relation KD (`dskd.losses.relations`).
   StoredTopKTeacher a black-box teacher (generate.endpoint): its top-k log-probs were stored with the PTs and
                     are read per batch (`dskd.blackbox.targets`); the sparse KD loss adds the tail mass.
+  CachedTeacher     teacher.signal=cached: a LocalTeacher that scores every pair the phase will train on once
+                    (`ready`, before the first step) into a `dskd.teacher_cache` and then reads its top-k from
+                    there (sparse KD loss); pairs no cache can hold (Joint-Teaching's student samples) still go
+                    through the local forward (dense loss, same divergence).
 
-A new mode (a cached top-k teacher, a cross-tokenizer teacher) is one new subclass and one line in
+Before training, each phase's teacher gets `ready(pool, needs)`: a chance to prepare its signal for the pairs
+the phase will draw (a no-op except for the cache).
+
+A new mode (a served teacher scoring over HTTP, a cross-tokenizer teacher) is one new subclass and one line in
 `teacher_for`.
 """
 
 from __future__ import annotations
 
+import sys
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Iterator
@@ -29,12 +37,18 @@ from typing import Iterator
 import datasets
 import torch
 
+import torch.distributed as torch_dist
+from tqdm.auto import tqdm
+
+from dskd import preemption
+from dskd.blackbox.generate import tokenizer_fingerprint
 from dskd.blackbox.targets import SparseTrainingPool
 from dskd.config import ConfigError, Recipe, TeacherConfig
-from dskd.data.collate import Encoder
+from dskd.data.collate import Encoder, collate_training
+from dskd.data.pt_store import weights_fingerprint
 from dskd.data.task import TaskData
 from dskd.engines import DistInfo, create_teacher_engine
-from dskd.layout import teacher_model_path
+from dskd.layout import teacher_from_disk, teacher_model_path
 from dskd.losses import KDLossConfig, KDLossOutput, kd_loss
 from dskd.losses.relations import captured_projections, relation_kd, relation_sites, stack_masks
 from dskd.losses.sparse import sparse_kd_loss
@@ -42,6 +56,7 @@ from dskd.losses.zero import gathered
 from dskd.models import HiddenStateLM, load_tokenizer
 from dskd.objectives import Pair, TrainingPool
 from dskd.student import StudentHead
+from dskd.teacher_cache import CacheIdentity, TeacherCache, default_cache_dir, fill, pair_key, rank_share, score_top_k
 
 
 class Signal:
@@ -118,6 +133,17 @@ class SparseSignal(Signal):
 NO_SIGNAL = Signal()
 
 
+@dataclass(frozen=True)
+class TeacherNeeds:
+    """What `Teacher.ready` may need to know about the phase it serves."""
+
+    encoder: Encoder  # the targets' tokenizer and formatting
+    dist: DistInfo
+    epochs: int  # epochs of its pool the phase will reach
+    vocab_size: int  # the vocabulary rows the loss compares (the student's)
+    batch_size: int
+
+
 class Teacher:
     """Base: no teacher signal (CE), the teacher's tokenizer, the plain training pool."""
 
@@ -134,6 +160,9 @@ class Teacher:
     def training_pool(self, encoder: Encoder, labeled: datasets.Dataset | None, pts: datasets.Dataset | None,
                       sources: list[str]) -> TrainingPool:
         return TrainingPool(encoder, labeled, pts, sources)
+
+    def ready(self, pool: TrainingPool, needs: TeacherNeeds) -> None:
+        """Prepare the signal for the pairs `pool` will give over `needs.epochs` epochs (once, before training)."""
 
     def prepare(self, pool: TrainingPool, pairs: list[Pair], batch: dict[str, torch.Tensor]) -> float:
         """Add this teacher's per-batch inputs to a collated CPU batch; returns the teacher probability mass
@@ -233,10 +262,88 @@ class StoredTopKTeacher(Teacher):
         return {"train/teacher_tail_mass": float(tail_mass / tokens)}
 
 
+class CachedTeacher(LocalTeacher):
+    """teacher.signal=cached (see the module docstring and `dskd.teacher_cache`)."""
+
+    name = "cached"
+
+    def __init__(self, recipe: Recipe) -> None:
+        super().__init__()
+        self.top_k = recipe.teacher.cache_top_k
+        self.cache = TeacherCache(default_cache_dir(recipe.run.output_dir, recipe.teacher.cache_dir))
+        self.weights = teacher_model_path(recipe) if teacher_from_disk(recipe) else None
+        self.fingerprint = ""
+
+    def place(self, model, spec: TeacherConfig, micro_batch_size: int, dist: DistInfo, dropout: bool = False) -> None:
+        # before placement: a ZeRO-3 engine partitions the parameters
+        self.fingerprint = weights_fingerprint(self.weights if self.weights else model)
+        super().place(model, spec, micro_batch_size, dist, dropout)
+
+    def ready(self, pool: TrainingPool, needs: TeacherNeeds) -> None:
+        """Score the pairs of the first `needs.epochs` epochs that the cache lacks (each rank its share), then
+        index everything on disk."""
+        dist, encoder = needs.dist, needs.encoder
+        self.cache.open(CacheIdentity(self.fingerprint, tokenizer_fingerprint(encoder.tokenizer),
+                                      encoder.formatting.arch, self.top_k), writer=dist.is_main)
+        wanted = {pair_key(p.prompt, p.target): p for e in range(needs.epochs) for p in pool.epoch_pairs(e)}
+        missing = sorted((p for key, p in wanted.items() if key not in self.cache),
+                         key=lambda p: len(p.prompt) + len(p.target))
+        if missing:
+            batches = [missing[i:i + needs.batch_size] for i in range(0, len(missing), needs.batch_size)]
+            mine = rank_share(batches, dist.rank, dist.world_size, collective=needs.dist.world_size > 1)
+            if dist.is_main:
+                print(f"[dskd] teacher cache: scoring {len(missing)} of {len(wanted)} pairs (top-{self.top_k}) into "
+                      f"{self.cache.root}; {len(wanted) - len(missing)} already cached", file=sys.stderr)
+            start = getattr(self.module.model.config, "decoder_start_token_id", None)
+            collated = [([pair_key(p.prompt, p.target) for p in chunk],
+                         collate_training([(p.prompt, p.target) for p in chunk], encoder.formatting.arch,
+                                          encoder.tokenizer.pad_token_id, start)) for chunk in mine]
+            with tqdm(total=len(collated), desc="teacher cache", unit="batch", disable=not dist.is_main) as bar:
+                fill(self.cache, collated, lambda batch: self._score(batch, needs.vocab_size), progress=bar,
+                     stop=preemption.agreed if dist.world_size > 1 else preemption.requested)
+        if torch_dist.is_initialized():
+            torch_dist.barrier()
+        self.cache.refresh()
+        if preemption.requested():
+            return  # the first step's stop check saves and exits; the finished shards stay
+        absent = sum(key not in self.cache for key in wanted)
+        if absent:
+            raise RuntimeError(f"teacher cache {self.cache.root}: {absent} of {len(wanted)} pairs still missing "
+                               "after scoring them (a shard failed to write?)")
+
+    def _score(self, batch: dict[str, torch.Tensor], vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        device = next(self.module.parameters()).device
+        on_device = {k: v.to(device) for k, v in batch.items()}
+        with torch.no_grad():
+            hidden = self.runner(on_device)
+        with self.head() as (weight, bias):
+            return score_top_k(hidden, weight, bias, on_device["target_mask"], self.top_k, vocab_size)
+
+    def prepare(self, pool: TrainingPool, pairs: list[Pair], batch: dict[str, torch.Tensor]) -> float:
+        keys = [pair_key(p.prompt, p.target) for p in pairs]
+        if not all(key in self.cache for key in keys):
+            return 0.0  # e.g. Joint-Teaching's student samples: the local forward scores them
+        batch.update(self.cache.sparse_batch(keys, batch["target_mask"]))
+        return float((1.0 - batch["teacher_top_probs"].sum(-1))[batch["target_mask"]].clamp_min(0).sum())
+
+    @contextmanager
+    def signal(self, batch: dict[str, torch.Tensor]) -> Iterator[Signal]:
+        if "teacher_top_ids" in batch:
+            yield SparseSignal(batch["teacher_top_ids"], batch["teacher_top_probs"])
+        else:
+            with super().signal(batch) as dense:
+                yield dense
+
+    def step_metrics(self, tail_mass: torch.Tensor, tokens: torch.Tensor) -> dict[str, float]:
+        return {"train/teacher_tail_mass": float(tail_mass / tokens)}
+
+
 def teacher_for(recipe: Recipe) -> Teacher:
-    """Where this recipe's teacher signal comes from: an endpoint's stored top-k, or a model in this process
-    (with its attention relations when the recipe mixes them in)."""
+    """Where this recipe's teacher signal comes from: an endpoint's stored top-k, the teacher cache, or a model
+    in this process (with its attention relations when the recipe mixes them in)."""
     if recipe.generate.endpoint is not None:
         return StoredTopKTeacher()
+    if recipe.teacher.signal == "cached":
+        return CachedTeacher(recipe)
     d = recipe.distill
     return RelationTeacher(d.attention_relation_weight, d.relation_heads) if d.attention_relation_weight else LocalTeacher()

@@ -50,7 +50,7 @@ from dskd.models import (
 )
 from dskd.objectives import loss_config
 from dskd.student import StudentWithLoss
-from dskd.teachers import LocalTeacher, NoTeacher, Teacher, teacher_for
+from dskd.teachers import LocalTeacher, NoTeacher, Teacher, TeacherNeeds, teacher_for
 from dskd.tracking import Tracker
 from dskd.trainer import Phase, TrainContext, Trainer, TrainState
 
@@ -229,6 +229,10 @@ class TrainingStage:
         if self.teacher_hf is not None:
             local = next(s.teacher for s in self.specs if isinstance(s.teacher, LocalTeacher))
             local.place(self.teacher_hf, recipe.teacher, mbs, dist, dropout=recipe.distill.teacher_dropout)
+        for spec, pool, n in zip(self.specs, pools, steps):  # e.g. the teacher cache scores what it lacks
+            micro_batches = pool.micro_batches_per_epoch(mbs, dist.world_size)
+            spec.teacher.ready(pool, TeacherNeeds(self.encoder, dist, epochs=math.ceil(n * gas / micro_batches),
+                                                  vocab_size=self.vocab, batch_size=mbs))
         self.engine.train()  # from_pretrained returns eval mode: dropout must be on while training
         self.model = self.engine.module.hf_model
         self.synced_gpus = self.engine.zero_optimization_partition_weights() and dist.world_size > 1

@@ -1,0 +1,215 @@
+"""The teacher's signal, computed once: top-k log-probs and the tail per target token, on disk, reused.
+
+At the sizes users distil, the teacher's forward is most of a KD step, and `dskd study` runs the same forward
+on the same targets in every cell and every epoch. `TeacherCache` stores, for each (prompt, target) pair the
+teacher has scored, the teacher's k most likely next tokens and their log-probabilities at every target
+position (teacher forcing, exactly the distribution the dense loss would see); `dskd.teachers.CachedTeacher`
+trains on them with the sparse KD loss (`dskd.losses.sparse`: the k tokens plus one tail bucket, forward KL at
+temperature 1; with k = the vocabulary it is the dense loss exactly).
+
+Layout of a cache directory (`teacher.cache_dir`, default <run.output_dir>/teacher_cache):
+  meta.json          what every entry depends on: the teacher's weights fingerprint, its tokenizer's
+                     fingerprint, the architecture, k and the cache format version
+  shards/*.parquet   key (blake2b of the prompt and target ids), top_ids [T][k] int32, top_logprobs [T][k]
+                     float32; each shard written whole under a temporary name and renamed (atomic)
+
+Entries are addressed by content, so a cache serves any data, PT store, student or study cell that asks for
+pairs it holds; pairs it lacks are scored and appended (a killed build keeps every finished shard: resumable),
+and ranks or concurrent jobs that score the same pair write the same entry (duplicates are harmless). A cache
+whose meta names another teacher, tokenizer or k is refused with the differences named, never mixed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from dskd.atomic import atomic_write, atomic_write_text
+from dskd.config import ConfigError
+
+FORMAT = "dskd-teacher-cache-1"
+SCHEMA = pa.schema([
+    ("key", pa.string()),
+    ("top_ids", pa.list_(pa.list_(pa.int32()))),
+    ("top_logprobs", pa.list_(pa.list_(pa.float32()))),
+])
+ROWS_PER_CHUNK = 256  # target rows whose full-vocabulary logits exist at once while scoring (fp32 [rows, V])
+
+
+def pair_key(prompt: Iterable[int], target: Iterable[int]) -> str:
+    """The cache address of a (prompt ids, target ids) pair."""
+    data = np.asarray([*prompt, -1, *target], dtype=np.int64).tobytes()
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+@dataclass(frozen=True)
+class CacheIdentity:
+    """What the cached distributions depend on besides the pairs themselves."""
+
+    teacher: str  # weights fingerprint
+    tokenizer: str  # tokenizer fingerprint
+    arch: str
+    top_k: int
+
+    def as_meta(self) -> dict:
+        return {"format": FORMAT, "teacher_fingerprint": self.teacher, "tokenizer_fingerprint": self.tokenizer,
+                "arch": self.arch, "top_k": self.top_k}
+
+
+class TeacherCache:
+    """One cache directory (see the module docstring)."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.meta_path = self.root / "meta.json"
+        self.shards = self.root / "shards"
+        self._rows: dict[str, tuple[int, int]] = {}  # key -> (table index, row)
+        self._tables: list[pa.Table] = []
+
+    # -- identity ---------------------------------------------------------------------------------------------
+
+    def open(self, identity: CacheIdentity, *, writer: bool) -> None:
+        """Check (or, for a new cache and `writer`, write) the meta; then index the shards on disk."""
+        wanted = identity.as_meta()
+        if self.meta_path.is_file():
+            found = json.loads(self.meta_path.read_text())
+            changed = [f"{key} {found.get(key)!r} -> {value!r}" for key, value in wanted.items()
+                       if found.get(key) != value]
+            if changed:
+                raise ConfigError(f"teacher cache {self.root} was built for another teacher signal ("
+                                  f"{'; '.join(changed)}): set teacher.cache_dir to a new directory, or delete this "
+                                  "one to rebuild it")
+        elif writer:
+            atomic_write_text(self.meta_path, json.dumps(wanted, indent=2))
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Index every whole shard on disk (those written since the last refresh included)."""
+        self._rows, self._tables = {}, []
+        for path in sorted(self.shards.glob("*.parquet")) if self.shards.is_dir() else []:
+            table = pq.read_table(path, memory_map=True)
+            index = len(self._tables)
+            self._tables.append(table)
+            for row, key in enumerate(table.column("key").to_pylist()):
+                self._rows.setdefault(key, (index, row))
+
+    # -- reading ----------------------------------------------------------------------------------------------
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._rows
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def entry(self, key: str) -> tuple[np.ndarray, np.ndarray]:
+        """(top_ids [T, k] int64, top_logprobs [T, k] float32) of a cached pair."""
+        index, row = self._rows[key]
+        table = self._tables[index]
+        ids = np.asarray(table.column("top_ids")[row].as_py(), dtype=np.int64)
+        logprobs = np.asarray(table.column("top_logprobs")[row].as_py(), dtype=np.float32)
+        return ids, logprobs
+
+    def sparse_batch(self, keys: list[str], target_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """`teacher_top_ids` / `teacher_top_probs` [B, T, k] laid out like the batch's targets (the layout of
+        `dskd.blackbox.targets`), for pairs that are all cached."""
+        entries = [self.entry(key) for key in keys]
+        k = entries[0][0].shape[1]
+        top_ids = torch.zeros((*target_mask.shape, k), dtype=torch.long)
+        top_probs = torch.zeros((*target_mask.shape, k), dtype=torch.float32)
+        for b, (ids, logprobs) in enumerate(entries):
+            positions = target_mask[b].nonzero().squeeze(1)
+            if len(positions) != len(ids):
+                raise ValueError(f"teacher cache {self.root}: entry {keys[b]} has {len(ids)} positions for a target "
+                                 f"of {len(positions)}; the cache is corrupt, delete it to rebuild")
+            top_ids[b, positions] = torch.from_numpy(ids)
+            top_probs[b, positions] = torch.from_numpy(logprobs).exp()
+        return {"teacher_top_ids": top_ids, "teacher_top_probs": top_probs}
+
+    # -- writing ----------------------------------------------------------------------------------------------
+
+    def write_shard(self, keys: list[str], ids: list[np.ndarray], logprobs: list[np.ndarray]) -> Path:
+        """One whole shard, atomically (a name no other rank or job uses)."""
+        table = pa.table({"key": keys, "top_ids": [a.tolist() for a in ids],
+                          "top_logprobs": [a.tolist() for a in logprobs]}, schema=SCHEMA)
+        path = self.shards / f"{uuid.uuid4().hex}.parquet"
+        self.shards.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda handle: pq.write_table(table, handle))
+        return path
+
+
+@torch.no_grad()
+def score_top_k(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, mask: torch.Tensor,
+                top_k: int, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's top-k (ids, log-probs) at every masked position, [n, k] each, from its final hidden
+    states and LM head: full-vocabulary logits only for ROWS_PER_CHUNK rows at a time, in fp32."""
+    rows = hidden[mask]
+    ids, values = [], []
+    w = weight[:vocab_size].float()
+    b = None if bias is None else bias.reshape(-1)[:vocab_size].float()
+    k = min(top_k, vocab_size)
+    for start in range(0, rows.shape[0], ROWS_PER_CHUNK):
+        logits = rows[start:start + ROWS_PER_CHUNK].float() @ w.T
+        if b is not None:
+            logits += b
+        top = torch.log_softmax(logits, dim=-1).topk(k, dim=-1)
+        ids.append(top.indices.to(torch.int32).cpu())
+        values.append(top.values.cpu())
+    if not ids:
+        return torch.zeros((0, k), dtype=torch.int32), torch.zeros((0, k))
+    return torch.cat(ids), torch.cat(values)
+
+
+def fill(cache: TeacherCache, batches: list[tuple[list[str], dict[str, torch.Tensor]]],
+         score: Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]],
+         *, flush_every: int = 16, progress=None, stop: Callable[[], bool] | None = None) -> int:
+    """Score `batches` (keys, batch) with `score(batch) -> (ids [n, k], log-probs [n, k])` over the batch's
+    masked positions in row order, and write one shard every `flush_every` batches; returns entries written.
+    A key listed twice in a batch (the padding of a collective build) is written once."""
+    keys_out, ids_out, lp_out, written, seen = [], [], [], 0, set()
+    for number, (keys, batch) in enumerate(batches, 1):
+        ids, logprobs = score(batch)
+        lengths = batch["target_mask"].sum(1).tolist()
+        offsets = np.cumsum([0, *lengths])
+        for row, key in enumerate(keys):
+            if key in seen or key in cache:
+                continue
+            seen.add(key)
+            keys_out.append(key)
+            ids_out.append(ids[offsets[row]:offsets[row + 1]].numpy())
+            lp_out.append(logprobs[offsets[row]:offsets[row + 1]].numpy())
+        if progress is not None:
+            progress.update(1)
+        if keys_out and (number % flush_every == 0 or number == len(batches)):
+            cache.write_shard(keys_out, ids_out, lp_out)
+            written += len(keys_out)
+            keys_out, ids_out, lp_out = [], [], []
+        if stop is not None and stop():
+            if keys_out:
+                cache.write_shard(keys_out, ids_out, lp_out)
+                written += len(keys_out)
+            break
+    return written
+
+
+def rank_share(items: list, rank: int, world_size: int, collective: bool) -> list:
+    """This rank's items (every world_size-th); padded with repeats to the busiest rank's count when every
+    forward is a collective (a ZeRO-3-partitioned teacher)."""
+    mine = items[rank::world_size]
+    if collective and items:
+        busiest = -(-len(items) // world_size)
+        mine = mine + [items[0]] * (busiest - len(mine))
+    return mine
+
+
+def default_cache_dir(output_dir: str | os.PathLike, cache_dir: str | None) -> Path:
+    return Path(cache_dir) if cache_dir else Path(output_dir) / "teacher_cache"

@@ -1,0 +1,118 @@
+"""teacher.signal=cached (dskd.teacher_cache, CachedTeacher): the teacher's top-k per target token, scored once.
+
+  - with k >= the vocabulary the cached signal is the local teacher's exactly: the same losses, step by step
+  - a second student reuses the cache (nothing scored again), Joint-Teaching mixes cached and live batches
+  - a cache built for another teacher or k is refused naming what changed; a partial cache is completed
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from dskd.config import ConfigError, load_recipe
+from tests.conftest import tiny_recipe
+
+STUDENT = {"init": "config", "model_type": "t5",
+           "config": {"d_model": 32, "d_ff": 64, "num_layers": 1, "num_decoder_layers": 1, "num_heads": 2,
+                      "d_kv": 16, "dropout_rate": 0.0}}
+
+
+def _recipe(task, out, **distill):
+    teacher = {"finetune": False, "config": {"dropout_rate": 0.0}}
+    return tiny_recipe(task, out, "t5", teacher=teacher, student={**STUDENT, "name": distill.pop("name", "student")},
+                       distill={"sources": ["gold"], "student_pt_ratio": 0.0, "eval_examples": 0, "max_steps": 4,
+                                "grad_accum": 1, **distill})
+
+
+def _train(task, out, *overrides, **distill):
+    from dskd.stages.train import train_stage
+
+    return train_stage(load_recipe(base=_recipe(task, out, **distill), overrides=list(overrides)), "distill")
+
+
+def test_cached_top_k_of_the_whole_vocabulary_trains_exactly_like_the_local_teacher(tiny_task, tmp_path):
+    local = _train(tiny_task, tmp_path / "local")
+    cached = _train(tiny_task, tmp_path / "cached", "teacher.signal=cached", "teacher.cache_top_k=300")
+    assert len(local.losses) == len(cached.losses) == 4
+    assert cached.losses == pytest.approx(local.losses, rel=2e-5)
+    assert (tmp_path / "cached" / "teacher_cache" / "meta.json").is_file()
+
+
+def test_a_second_student_reuses_the_cache_and_joint_teaching_mixes_cached_and_live(tiny_task, tmp_path,
+                                                                                    monkeypatch):
+    from dskd.teacher_cache import TeacherCache
+    from dskd.teachers import CachedTeacher
+
+    _train(tiny_task, tmp_path, "teacher.signal=cached", "teacher.cache_top_k=16")
+    cache = TeacherCache(tmp_path / "teacher_cache")
+    shards = sorted((cache.shards).glob("*.parquet"))
+    assert shards
+
+    def no_scoring(self, batch, vocab_size):
+        raise AssertionError("the cache already holds every pair this student trains on")
+
+    monkeypatch.setattr(CachedTeacher, "_score", no_scoring)
+    dense = {"calls": 0}
+    original = CachedTeacher.signal
+
+    def counting(self, batch):
+        dense["calls"] += "teacher_top_ids" not in batch
+        return original(self, batch)
+
+    monkeypatch.setattr(CachedTeacher, "signal", counting)
+    result = _train(tiny_task, tmp_path, "teacher.signal=cached", "teacher.cache_top_k=16", name="jt",
+                    student_pt_ratio=0.5)
+    assert len(result.losses) == 4 and sorted(cache.shards.glob("*.parquet")) == shards
+    assert dense["calls"] == 2  # every second micro-batch: the student's samples, scored by the live teacher
+
+
+def test_a_cache_of_another_teacher_or_k_is_refused_and_a_partial_one_is_completed(tiny_task, tmp_path):
+    from dskd.teacher_cache import TeacherCache
+
+    _train(tiny_task, tmp_path, "teacher.signal=cached", "teacher.cache_top_k=8")
+    with pytest.raises(ConfigError, match=r"teacher cache .* was built for another teacher signal \(top_k 8 -> 9\)"):
+        _train(tiny_task, tmp_path, "teacher.signal=cached", "teacher.cache_top_k=9", name="b")
+    with pytest.raises(ConfigError, match=r"teacher_fingerprint 'params-sha256:\w+' -> 'params-sha256:\w+'"):
+        _train(tiny_task, tmp_path, "teacher.signal=cached", "teacher.cache_top_k=8", "run.seed=8", name="c")
+
+    cache = TeacherCache(tmp_path / "teacher_cache")
+    shards = sorted(cache.shards.glob("*.parquet"))
+    cache.refresh()
+    complete = len(cache)
+    for shard in shards[: len(shards) // 2 or 1]:
+        shard.unlink()
+    cache.refresh()
+    assert len(cache) < complete
+    _train(tiny_task, tmp_path, "teacher.signal=cached", "teacher.cache_top_k=8", name="d")
+    cache.refresh()
+    assert len(cache) == complete
+
+
+def test_cached_needs_what_a_top_k_teacher_can_define(tiny_task, tmp_path):
+    base = _recipe(tiny_task, tmp_path)
+    for bad, named in (("distill.temperature=2.0", "forward_kl at temperature 1.0"),
+                       ("distill.teacher_dropout=true", "noisy KD"),
+                       ("distill.attention_relation_weight=0.5", "attention-relation KD")):
+        with pytest.raises(ConfigError, match=f"teacher.signal=cached: .*{named}"):
+            load_recipe(base=base, overrides=["teacher.signal=cached", bad])
+
+
+def test_study_cells_read_one_shared_cache_where_their_objective_allows_it(tmp_path):
+    from pathlib import Path
+
+    from dskd.study import study_cells
+
+    full = Path(__file__).resolve().parents[1] / "dskd" / "recipes" / "study.yaml"
+    recipe = load_recipe(full, [f"run.output_dir={tmp_path}", "study.seeds=[1]"])
+    signals = {c.variant: (c.recipe.teacher.signal, c.recipe.teacher.cache_dir) for c in study_cells(recipe)}
+    shared = str(tmp_path / "shared" / "teacher_cache")
+    assert {v for v, (signal, _) in signals.items() if signal == "cached"} == {
+        "logits_kd", "kd_pts_labeled", "kd_pts_all", "joint_teaching"}
+    assert {d for signal, d in signals.values() if signal == "cached"} == {shared}
+    off = load_recipe(full, [f"run.output_dir={tmp_path}", "study.teacher_cache=false"])
+    assert {c.recipe.teacher.signal for c in study_cells(off)} == {"local"}
+    own = load_recipe(full, [f"run.output_dir={tmp_path}", "study.variants.joint_teaching={distill.student_pt_ratio: "
+                                                           "0.5, teacher.signal: local}"])
+    assert {c.recipe.teacher.signal for c in study_cells(own) if c.variant == "joint_teaching"} == {"local"}
+    with pytest.raises(ConfigError, match="'teacher.cache_top_k' cannot vary between cells"):
+        study_cells(load_recipe(full, ["study.variants.joint_teaching={teacher.cache_top_k: 8}"]))
