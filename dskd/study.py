@@ -14,10 +14,11 @@ applied, its seed, the shared teacher (loaded from shared/teacher/model when the
 the shared PT store and data, and `study.steps` optimizer steps whatever its pool size (distill.max_steps; epochs
 left to run out). With `study.teacher_cache` (the default), every cell whose objective a top-k teacher defines
 reads the teacher from one shared cache, shared/teacher_cache (teacher.signal=cached: the first cell to need a
-pair scores it, every later cell reads it); noisy and attention-relation KD keep the live teacher. Variants may change only what a cell owns: the student, the distill objective and its
-settings, and the teacher's runtime settings (e.g. teacher.config.dropout_rate for noisy KD); everything the
-shared teacher, PTs and data are built from is the base recipe's. `study_cells` validates every cell before
-anything trains: an unknown key fails naming the variant and the key.
+pair scores it, every later cell reads it); noisy and attention-relation KD keep the live teacher. Variants may
+change only what a cell owns: the student, the distill objective and its settings, and the teacher's runtime
+settings (e.g. teacher.config.dropout_rate for noisy KD); everything the shared teacher, PTs and data are built
+from is the base recipe's. `study_cells` validates every cell before anything trains: an unknown key fails naming
+the variant and the key.
 """
 
 from __future__ import annotations

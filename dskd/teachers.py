@@ -346,4 +346,6 @@ def teacher_for(recipe: Recipe) -> Teacher:
     if recipe.teacher.signal == "cached":
         return CachedTeacher(recipe)
     d = recipe.distill
-    return RelationTeacher(d.attention_relation_weight, d.relation_heads) if d.attention_relation_weight else LocalTeacher()
+    if d.attention_relation_weight:
+        return RelationTeacher(d.attention_relation_weight, d.relation_heads)
+    return LocalTeacher()
