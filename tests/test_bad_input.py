@@ -425,7 +425,7 @@ def test_ctrl_c_checkpoints_exits_75_and_resumes_and_a_second_ctrl_c_aborts(tiny
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=300) == 75, log.read_text()[-3000:]
     out = log.read_text()
-    assert "Ctrl-C: stopping at the next safe point" in out and "resume with --resume auto" in out
+    assert "Ctrl-C: stopping at the next safe point" in out and "checkpoints; continue with --resume auto" in out
     assert "KeyboardInterrupt" not in out and "Traceback" not in out
     stopped = checkpoint.latest(ckpt)
     assert int(stopped.removeprefix("step")) > int(first.removeprefix("step"))  # saved at the Ctrl-C

@@ -44,9 +44,11 @@ def test_shards_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
         store.write_shard(0, [row("d")])
     monkeypatch.undo()
     assert store.completed_ids() == {"a", "b", "c"}, "a half-written shard must never count as complete"
-    assert any(p.name.startswith(".tmp-") for p in store.shard_dir.iterdir())  # the debris is left aside...
+    assert not any(p.name.startswith(".tmp-") for p in store.shard_dir.iterdir())  # a failed write cleans up
+    (store.shard_dir / ".tmp-999-shard.parquet").write_bytes(b"PAR1 half")  # what a SIGKILL mid-write leaves
+    assert store.completed_ids() == {"a", "b", "c"}
     store.merge()
-    assert not any(p.name.startswith(".tmp-") for p in store.shard_dir.iterdir())  # ...and swept by merge
+    assert not any(p.name.startswith(".tmp-") for p in store.shard_dir.iterdir())  # ...swept by merge
 
 
 def test_resuming_into_a_store_for_other_pts_is_refused(tmp_path):
