@@ -136,7 +136,8 @@ class TeacherConfig(ModelConfig):
     # every epoch, student, study cell and rerun (dskd.teacher_cache); Joint-Teaching's student samples still
     # go through the local teacher. (A black-box teacher is still chosen by generate.endpoint.)
     signal: Literal["local", "cached"] = "local"
-    cache_top_k: int = Field(64, ge=1)  # log-probs kept per target token (the rest is one tail bucket)
+    cache_top_k: int = Field(64, ge=1)  # exact log-probs kept per target token, the most likely tokens...
+    cache_tail_samples: int = Field(64, ge=0)  # ...plus draws from the rest (unbiased; 0: the rest as one bucket)
     cache_dir: str | None = None  # default: <run.output_dir>/teacher_cache
 
 

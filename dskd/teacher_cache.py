@@ -2,21 +2,25 @@
 
 At the sizes users distil, the teacher's forward is most of a KD step, and `dskd study` runs the same forward
 on the same targets in every cell and every epoch. `TeacherCache` stores, for each (prompt, target) pair the
-teacher has scored, the teacher's k most likely next tokens and their log-probabilities at every target
-position (teacher forcing, exactly the distribution the dense loss would see); `dskd.teachers.CachedTeacher`
-trains on them with the sparse KD loss (`dskd.losses.sparse`: the k tokens plus one tail bucket, forward KL at
-temperature 1; with k = the vocabulary it is the dense loss exactly).
+teacher has scored, a sparse version of the teacher's next-token distribution at every target position
+(teacher forcing, the distribution the dense loss would see): its k most likely tokens with their exact
+log-probabilities, plus S draws from the rest of the distribution, each worth the tail mass / S
+(`sparse_distribution`: an unbiased estimate of the whole distribution, as in sparse logit sampling; top-k
+alone is biased). `dskd.teachers.CachedTeacher` trains on them with the sparse KD loss (`dskd.losses.sparse`,
+forward KL at temperature 1; with k = the vocabulary it is the dense loss exactly).
 
 Layout of a cache directory (`teacher.cache_dir`, default <run.output_dir>/teacher_cache):
-  meta.json          what every entry depends on: the teacher's weights fingerprint, its tokenizer's
-                     fingerprint, the architecture, k and the cache format version
-  shards/*.parquet   key (blake2b of the prompt and target ids), top_ids [T][k] int32, top_logprobs [T][k]
-                     float32; each shard written whole under a temporary name and renamed (atomic)
+  meta.json          what every entry depends on: the teacher's weights fingerprint and runtime settings (dtype,
+                     quantization, attention kernel, config overrides), its tokenizer's fingerprint, the
+                     architecture, k, S and the cache format version
+  shards/*.parquet   key (blake2b of the prompt and target ids), top_ids [T][k+S] int32, top_logprobs [T][k+S]
+                     float32 (-inf: an empty slot); each shard written whole under a temporary name and renamed
 
 Entries are addressed by content, so a cache serves any data, PT store, student or study cell that asks for
 pairs it holds; pairs it lacks are scored and appended (a killed build keeps every finished shard: resumable),
 and ranks or concurrent jobs that score the same pair write the same entry (duplicates are harmless). A cache
-whose meta names another teacher, tokenizer or k is refused with the differences named, never mixed.
+whose meta names another teacher (weights or runtime), tokenizer, k or S is refused with the differences named,
+never mixed.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ import torch
 from dskd.atomic import atomic_write, atomic_write_text
 from dskd.config import ConfigError
 
-FORMAT = "dskd-teacher-cache-1"
+FORMAT = "dskd-teacher-cache-2"
 SCHEMA = pa.schema([
     ("key", pa.string()),
     ("top_ids", pa.list_(pa.list_(pa.int32()))),
@@ -52,18 +56,26 @@ def pair_key(prompt: Iterable[int], target: Iterable[int]) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
+def draw_seed(keys: list[str]) -> int:
+    """The seed of a batch's tail draws, from its pairs: scoring the same pairs again draws the same tokens."""
+    return int(hashlib.blake2b("".join(keys).encode(), digest_size=8).hexdigest(), 16) & (2**63 - 1)
+
+
 @dataclass(frozen=True)
 class CacheIdentity:
     """What the cached distributions depend on besides the pairs themselves."""
 
     teacher: str  # weights fingerprint
+    runtime: dict  # how the teacher runs: dtype, quantization, attention kernel, config overrides
     tokenizer: str  # tokenizer fingerprint
     arch: str
     top_k: int
+    tail_samples: int
 
     def as_meta(self) -> dict:
-        return {"format": FORMAT, "teacher_fingerprint": self.teacher, "tokenizer_fingerprint": self.tokenizer,
-                "arch": self.arch, "top_k": self.top_k}
+        return {"format": FORMAT, "teacher_fingerprint": self.teacher, "teacher_runtime": self.runtime,
+                "tokenizer_fingerprint": self.tokenizer, "arch": self.arch, "top_k": self.top_k,
+                "tail_samples": self.tail_samples}
 
 
 class TeacherCache:
@@ -147,37 +159,78 @@ class TeacherCache:
         return path
 
 
+@dataclass(frozen=True)
+class SparseSpec:
+    """What a cache entry keeps per target position: the top_k most likely tokens with their exact log-probs,
+    plus tail_samples draws from the rest (see `sparse_distribution`)."""
+
+    top_k: int
+    tail_samples: int
+
+
 @torch.no_grad()
-def score_top_k(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, mask: torch.Tensor,
-                top_k: int, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The teacher's top-k (ids, log-probs) at every masked position, [n, k] each, from its final hidden
-    states and LM head: full-vocabulary logits only for ROWS_PER_CHUNK rows at a time, in fp32."""
+def sparse_distribution(log_p: torch.Tensor, spec: SparseSpec,
+                        generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of full log-probs [c, V] -> (ids [c, k+S] int64, log-probs [c, k+S]) of a sparse distribution p^.
+
+    p^ keeps the top k probabilities exactly and replaces the tail (mass t, spread over the other V - k tokens)
+    by S draws from it, each worth t / S (draws of one token merged). E[p^] = p, so the KD gradient q - p^ is
+    an unbiased estimate of the dense q - p, at every k; top-k alone (the tail as one bucket, S = 0) is biased
+    and, for a flat teacher, far off (benchmarks/teacher_cache.py: 11% worse dev loss at k=64 without draws).
+    Slots without a token (fewer distinct draws than S, or no tail) repeat the row's first id with log-prob
+    -inf, the padding the sparse loss expects."""
+    vocab = log_p.shape[1]
+    k = min(spec.top_k, vocab)
+    top = log_p.topk(k, dim=1)
+    if spec.tail_samples <= 0 or k == vocab:
+        return top.indices, top.values
+    tail = log_p.exp().scatter_(1, top.indices, 0.0)
+    mass = tail.sum(1, keepdim=True)
+    has_tail = mass.squeeze(1) > 0
+    tail[~has_tail] = 1.0  # a row whose top-k holds all its mass: draw anything, weigh it 0
+    draws = torch.multinomial(tail, spec.tail_samples, replacement=True, generator=generator)
+    counts = torch.zeros_like(tail).scatter_add_(1, draws, torch.ones_like(draws, dtype=tail.dtype))
+    counts[~has_tail] = 0.0
+    width = min(spec.tail_samples, vocab - k)
+    drawn = counts.topk(width, dim=1)  # the distinct tokens drawn (zero counts: padding)
+    weights = drawn.values * mass / spec.tail_samples
+    ids = torch.where(drawn.values > 0, drawn.indices, top.indices[:, :1])
+    return torch.cat([top.indices, ids], 1), torch.cat([top.values, weights.log()], 1)
+
+
+@torch.no_grad()
+def score_sparse(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, mask: torch.Tensor,
+                 spec: SparseSpec, vocab_size: int,
+                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's sparse distribution (`sparse_distribution`) at every masked position, (ids int32,
+    log-probs) [n, k+S] each, from its final hidden states and LM head: full-vocabulary logits only for
+    ROWS_PER_CHUNK rows at a time, in fp32."""
     rows = hidden[mask]
     ids, values = [], []
     w = weight[:vocab_size].float()
     b = None if bias is None else bias.reshape(-1)[:vocab_size].float()
-    k = min(top_k, vocab_size)
     for start in range(0, rows.shape[0], ROWS_PER_CHUNK):
         logits = rows[start:start + ROWS_PER_CHUNK].float() @ w.T
         if b is not None:
             logits += b
-        top = torch.log_softmax(logits, dim=-1).topk(k, dim=-1)
-        ids.append(top.indices.to(torch.int32).cpu())
-        values.append(top.values.cpu())
+        chunk_ids, chunk_values = sparse_distribution(torch.log_softmax(logits, dim=-1), spec, generator)
+        ids.append(chunk_ids.to(torch.int32).cpu())
+        values.append(chunk_values.cpu())
     if not ids:
-        return torch.zeros((0, k), dtype=torch.int32), torch.zeros((0, k))
+        width = min(spec.top_k, vocab_size) + (spec.tail_samples if spec.top_k < vocab_size else 0)
+        return torch.zeros((0, width), dtype=torch.int32), torch.zeros((0, width))
     return torch.cat(ids), torch.cat(values)
 
 
 def fill(cache: TeacherCache, batches: list[tuple[list[str], dict[str, torch.Tensor]]],
-         score: Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]],
+         score: Callable[[list[str], dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]],
          *, flush_every: int = 16, progress=None, stop: Callable[[], bool] | None = None) -> int:
-    """Score `batches` (keys, batch) with `score(batch) -> (ids [n, k], log-probs [n, k])` over the batch's
+    """Score `batches` (keys, batch) with `score(keys, batch) -> (ids [n, w], log-probs [n, w])` over the batch's
     masked positions in row order, and write one shard every `flush_every` batches; returns entries written.
     A key listed twice in a batch (the padding of a collective build) is written once."""
     keys_out, ids_out, lp_out, written, seen = [], [], [], 0, set()
     for number, (keys, batch) in enumerate(batches, 1):
-        ids, logprobs = score(batch)
+        ids, logprobs = score(keys, batch)
         lengths = batch["target_mask"].sum(1).tolist()
         offsets = np.cumsum([0, *lengths])
         for row, key in enumerate(keys):

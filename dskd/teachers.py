@@ -56,7 +56,17 @@ from dskd.losses.zero import gathered
 from dskd.models import HiddenStateLM, load_tokenizer
 from dskd.objectives import Pair, TrainingPool
 from dskd.student import StudentHead
-from dskd.teacher_cache import CacheIdentity, TeacherCache, default_cache_dir, fill, pair_key, rank_share, score_top_k
+from dskd.teacher_cache import (
+    CacheIdentity,
+    SparseSpec,
+    TeacherCache,
+    default_cache_dir,
+    draw_seed,
+    fill,
+    pair_key,
+    rank_share,
+    score_sparse,
+)
 
 
 class Signal:
@@ -269,7 +279,10 @@ class CachedTeacher(LocalTeacher):
 
     def __init__(self, recipe: Recipe) -> None:
         super().__init__()
-        self.top_k = recipe.teacher.cache_top_k
+        t = recipe.teacher
+        self.spec = SparseSpec(t.cache_top_k, t.cache_tail_samples)
+        self.runtime = {"dtype": t.dtype, "quantization": t.quantization, "attn_implementation": t.attn_implementation,
+                        "config": t.config}
         self.cache = TeacherCache(default_cache_dir(recipe.run.output_dir, recipe.teacher.cache_dir))
         self.weights = teacher_model_path(recipe) if teacher_from_disk(recipe) else None
         self.fingerprint = ""
@@ -283,8 +296,9 @@ class CachedTeacher(LocalTeacher):
         """Score the pairs of the first `needs.epochs` epochs that the cache lacks (each rank its share), then
         index everything on disk."""
         dist, encoder = needs.dist, needs.encoder
-        self.cache.open(CacheIdentity(self.fingerprint, tokenizer_fingerprint(encoder.tokenizer),
-                                      encoder.formatting.arch, self.top_k), writer=dist.is_main)
+        self.cache.open(CacheIdentity(self.fingerprint, self.runtime, tokenizer_fingerprint(encoder.tokenizer),
+                                      encoder.formatting.arch, self.spec.top_k, self.spec.tail_samples),
+                        writer=dist.is_main)
         wanted = {pair_key(p.prompt, p.target): p for e in range(needs.epochs) for p in pool.epoch_pairs(e)}
         missing = sorted((p for key, p in wanted.items() if key not in self.cache),
                          key=lambda p: len(p.prompt) + len(p.target))
@@ -292,14 +306,15 @@ class CachedTeacher(LocalTeacher):
             batches = [missing[i:i + needs.batch_size] for i in range(0, len(missing), needs.batch_size)]
             mine = rank_share(batches, dist.rank, dist.world_size, collective=needs.dist.world_size > 1)
             if dist.is_main:
-                print(f"[dskd] teacher cache: scoring {len(missing)} of {len(wanted)} pairs (top-{self.top_k}) into "
+                print(f"[dskd] teacher cache: scoring {len(missing)} of {len(wanted)} pairs (top-{self.spec.top_k} + "
+                      f"{self.spec.tail_samples} tail draws) into "
                       f"{self.cache.root}; {len(wanted) - len(missing)} already cached", file=sys.stderr)
             start = getattr(self.module.model.config, "decoder_start_token_id", None)
             collated = [([pair_key(p.prompt, p.target) for p in chunk],
                          collate_training([(p.prompt, p.target) for p in chunk], encoder.formatting.arch,
                                           encoder.tokenizer.pad_token_id, start)) for chunk in mine]
             with tqdm(total=len(collated), desc="teacher cache", unit="batch", disable=not dist.is_main) as bar:
-                fill(self.cache, collated, lambda batch: self._score(batch, needs.vocab_size), progress=bar,
+                fill(self.cache, collated, lambda keys, batch: self._score(batch, keys, needs.vocab_size), progress=bar,
                      stop=preemption.agreed if dist.world_size > 1 else preemption.requested)
         if torch_dist.is_initialized():
             torch_dist.barrier()
@@ -311,13 +326,16 @@ class CachedTeacher(LocalTeacher):
             raise RuntimeError(f"teacher cache {self.cache.root}: {absent} of {len(wanted)} pairs still missing "
                                "after scoring them (a shard failed to write?)")
 
-    def _score(self, batch: dict[str, torch.Tensor], vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _score(self, batch: dict[str, torch.Tensor], keys: list[str],
+               vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         device = next(self.module.parameters()).device
         on_device = {k: v.to(device) for k, v in batch.items()}
         with torch.no_grad():
             hidden = self.runner(on_device)
+        # tail draws seeded by the batch's pairs: a rebuilt entry is the same entry
+        generator = torch.Generator(device=device).manual_seed(draw_seed(keys))
         with self.head() as (weight, bias):
-            return score_top_k(hidden, weight, bias, on_device["target_mask"], self.top_k, vocab_size)
+            return score_sparse(hidden, weight, bias, on_device["target_mask"], self.spec, vocab_size, generator)
 
     def prepare(self, pool: TrainingPool, pairs: list[Pair], batch: dict[str, torch.Tensor]) -> float:
         keys = [pair_key(p.prompt, p.target) for p in pairs]

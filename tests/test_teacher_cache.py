@@ -116,3 +116,30 @@ def test_study_cells_read_one_shared_cache_where_their_objective_allows_it(tmp_p
     assert {c.recipe.teacher.signal for c in study_cells(own) if c.variant == "joint_teaching"} == {"local"}
     with pytest.raises(ConfigError, match="'teacher.cache_top_k' cannot vary between cells"):
         study_cells(load_recipe(full, ["study.variants.joint_teaching={teacher.cache_top_k: 8}"]))
+
+
+def test_the_sparse_distribution_keeps_the_top_k_exactly_and_is_unbiased_over_the_tail():
+    """p^ = exact top-k + S tail draws worth t/S each: E[p^] = p (so the KD gradient q - p^ is unbiased), the
+    slots of a row are distinct tokens (or padding with probability 0), and its mass is 1."""
+    import torch
+
+    from dskd.teacher_cache import SparseSpec, sparse_distribution
+
+    gen = torch.Generator().manual_seed(0)
+    log_p = torch.log_softmax(torch.randn(1, 50, generator=gen) * 1.5, dim=1)
+    rows = 20000
+    ids, values = sparse_distribution(log_p.expand(rows, -1).clone(), SparseSpec(top_k=5, tail_samples=8), gen)
+    assert ids.shape == values.shape == (rows, 13)
+    probs = values.exp()
+    top = log_p[0].topk(5)
+    assert torch.equal(ids[:, :5], top.indices.expand(rows, -1))
+    torch.testing.assert_close(values[:, :5], top.values.expand(rows, -1))
+    torch.testing.assert_close(probs.sum(1), torch.ones(rows), rtol=0, atol=1e-5)
+    real = probs > 0
+    for row in range(0, rows, 997):  # distinct real tokens per row; padding repeats the first id at p = 0
+        assert len(set(ids[row][real[row]].tolist())) == int(real[row].sum())
+        assert set(ids[row][~real[row]].tolist()) <= {int(top.indices[0])}
+    dense = torch.zeros(rows, 50).scatter_add_(1, ids, probs).mean(0)
+    torch.testing.assert_close(dense, log_p[0].exp(), rtol=0, atol=4e-3)  # E[p^] = p
+    biased, _ = sparse_distribution(log_p, SparseSpec(top_k=5, tail_samples=0))
+    assert biased.shape == (1, 5)  # S = 0: top-k alone, the tail left to the loss's single bucket
