@@ -64,7 +64,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -138,21 +137,8 @@ def run(paths: dict[str, Path], k: int | None, seed: int, steps: int, workdir: P
         stale.unlink(missing_ok=True)
     recipe = recipe_for(paths, k, seed, steps, out_dir, cache_dir(workdir, k))
     cmd = [sys.executable, __file__, "--child", "--recipe", recipe, "--report", str(report)]
-    log = out_dir.with_suffix(".log")
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
-    load = os.getloadavg()[0]
-    launched = time.time()
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=str(workdir))
-        _, status, usage = os.wait4(proc.pid, 0)
-    code = os.waitstatus_to_exitcode(status)
-    if code != 0 or not report.is_file():
-        raise RuntimeError(f"{name} failed (exit {code}); log: {log}\n" + log.read_text()[-4000:])
-    data = json.loads(report.read_text())
-    data.update(launched=launched, finished=time.time(), maxrss_kib=usage.ru_maxrss, load=load,
-                model_dir=str(out_dir / "students" / "offline" / "model"))
+    data = vs_trl.run_logged(cmd, out_dir.with_suffix(".log"), workdir, threads, report, name)
+    data.update(model_dir=str(out_dir / "students" / "offline" / "model"))
     data["cache"] = json.loads(Path(str(report) + ".cache.json").read_text())
     return data
 

@@ -431,7 +431,14 @@ def run_child(side: str, mode: str, paths: dict[str, Path], steps: int, workdir:
                str(steps), "--out", str(out_dir), "--report", str(report),
                "--paths", json.dumps({k: str(v) for k, v in paths.items()})]
         model_dir = out_dir / "model"
-    log = out_dir.with_suffix(".log")
+    data = run_logged(cmd, out_dir.with_suffix(".log"), workdir, threads, report, f"{side} {mode}")
+    data.update(model_dir=str(model_dir))
+    return data
+
+
+def run_logged(cmd: list[str], log: Path, workdir: Path, threads: int | None, report: Path, what: str) -> dict:
+    """A benchmark child process, its output in `log`: its JSON `report` plus launched/finished (epoch s), peak
+    RSS (KiB, ru_maxrss) and the load average when it started."""
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
@@ -443,9 +450,9 @@ def run_child(side: str, mode: str, paths: dict[str, Path], steps: int, workdir:
     finished = time.time()
     code = os.waitstatus_to_exitcode(status)
     if code != 0 or not report.is_file():
-        raise RuntimeError(f"{side} {mode} failed (exit {code}); log: {log}\n" + log.read_text()[-4000:])
+        raise RuntimeError(f"{what} failed (exit {code}); log: {log}\n" + log.read_text()[-4000:])
     data = json.loads(report.read_text())
-    data.update(launched=launched, finished=finished, maxrss_kib=usage.ru_maxrss, model_dir=str(model_dir), load=load)
+    data.update(launched=launched, finished=finished, maxrss_kib=usage.ru_maxrss, load=load)
     return data
 
 

@@ -523,7 +523,6 @@ class Tracker:
         all_tags = dict(tags or {})
         if parent_id:
             all_tags["mlflow.parentRunId"] = parent_id
-        created = run_id is None
         with self._reachable(f"open the MLflow run '{name}'"):
             if run_id:
                 self._client.update_run(run_id, status="RUNNING")
