@@ -60,12 +60,16 @@ def pt_store_dir(recipe: Recipe) -> Path:
 # Model keys that change how a result is computed, not the result (activation checkpointing is exact): a stage
 # finished with or without them is the same stage.
 RESULT_NEUTRAL = {"gradient_checkpointing"}
+# Where distillation reads the teacher's signal from: part of a student's result, never of the teacher's own
+# fine-tuning (switching a study to the teacher cache must not retrain its teacher).
+TEACHER_SIGNAL = {"signal", "cache_top_k", "cache_tail_samples", "cache_dir"}
 
 
 def stage_key(recipe: Recipe, stage: Stage) -> str:
     """What a finished stage depends on: rerunning with the same key reuses its result."""
+    teacher_neutral = RESULT_NEUTRAL | (TEACHER_SIGNAL if stage == "teacher" else set())
     parts = {"seed": recipe.run.seed, "data": recipe.data.model_dump(mode="json"),
-             "teacher": recipe.teacher.model_dump(mode="json", exclude=RESULT_NEUTRAL)}
+             "teacher": recipe.teacher.model_dump(mode="json", exclude=teacher_neutral)}
     if stage == "distill":
         parts.update(student=recipe.student.model_dump(mode="json", exclude=RESULT_NEUTRAL),
                      distill=recipe.distill.model_dump(mode="json"), generate=recipe.generate.model_dump(mode="json"))

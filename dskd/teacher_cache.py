@@ -31,7 +31,7 @@ import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -41,7 +41,7 @@ import torch
 from dskd.atomic import atomic_write, atomic_write_text
 from dskd.config import ConfigError
 
-FORMAT = "dskd-teacher-cache-2"
+FORMAT = "dskd-teacher-cache-3"
 SCHEMA = pa.schema([
     ("key", pa.string()),
     ("top_ids", pa.list_(pa.list_(pa.int32()))),
@@ -56,9 +56,10 @@ def pair_key(prompt: Iterable[int], target: Iterable[int]) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
-def draw_seed(keys: list[str]) -> int:
-    """The seed of a batch's tail draws, from its pairs: scoring the same pairs again draws the same tokens."""
-    return int(hashlib.blake2b("".join(keys).encode(), digest_size=8).hexdigest(), 16) & (2**63 - 1)
+def draw_seed(key: str) -> int:
+    """The seed of a pair's tail draws, from its key: the pair draws the same tokens whenever, and beside
+    whichever other pairs, it is scored."""
+    return int(key[:15], 16)
 
 
 @dataclass(frozen=True)
@@ -170,15 +171,17 @@ class SparseSpec:
 
 @torch.no_grad()
 def sparse_distribution(log_p: torch.Tensor, spec: SparseSpec,
-                        generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                        generators: Sequence[tuple[int, torch.Generator | None]] | None = None,
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of full log-probs [c, V] -> (ids [c, k+S] int64, log-probs [c, k+S]) of a sparse distribution p^.
 
     p^ keeps the top k probabilities exactly and replaces the tail (mass t, spread over the other V - k tokens)
     by S draws from it, each worth t / S (draws of one token merged). E[p^] = p, so the KD gradient q - p^ is
     an unbiased estimate of the dense q - p, at every k; top-k alone (the tail as one bucket, S = 0) is biased
     and, for a flat teacher, far off (benchmarks/teacher_cache.py: 11% worse dev loss at k=64 without draws).
-    Slots without a token (fewer distinct draws than S, or no tail) repeat the row's first id with log-prob
-    -inf, the padding the sparse loss expects."""
+    `generators`: (rows, generator) segments covering the rows in order, so each pair draws from its own stream
+    and an entry does not depend on the pairs scored beside it. Slots without a token (fewer distinct draws
+    than S, or no tail) repeat the row's first id with log-prob -inf, the padding the sparse loss expects."""
     vocab = log_p.shape[1]
     k = min(spec.top_k, vocab)
     top = log_p.topk(k, dim=1)
@@ -188,8 +191,14 @@ def sparse_distribution(log_p: torch.Tensor, spec: SparseSpec,
     mass = tail.sum(1, keepdim=True)
     has_tail = mass.squeeze(1) > 0
     tail[~has_tail] = 1.0  # a row whose top-k holds all its mass: draw anything, weigh it 0
-    draws = torch.multinomial(tail, spec.tail_samples, replacement=True, generator=generator)
-    counts = torch.zeros_like(tail).scatter_add_(1, draws, torch.ones_like(draws, dtype=tail.dtype))
+    segments = generators or [(tail.shape[0], None)]
+    draws, start = [], 0
+    for rows, generator in segments:
+        draws.append(torch.multinomial(tail[start:start + rows], spec.tail_samples, replacement=True,
+                                       generator=generator))
+        start += rows
+    drawn_ids = torch.cat(draws)
+    counts = torch.zeros_like(tail).scatter_add_(1, drawn_ids, torch.ones_like(drawn_ids, dtype=tail.dtype))
     counts[~has_tail] = 0.0
     width = min(spec.tail_samples, vocab - k)
     drawn = counts.topk(width, dim=1)  # the distinct tokens drawn (zero counts: padding)
@@ -200,22 +209,30 @@ def sparse_distribution(log_p: torch.Tensor, spec: SparseSpec,
 
 @torch.no_grad()
 def score_sparse(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, mask: torch.Tensor,
-                 spec: SparseSpec, vocab_size: int,
-                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 spec: SparseSpec, vocab_size: int, seeds: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """The teacher's sparse distribution (`sparse_distribution`) at every masked position, (ids int32,
-    log-probs) [n, k+S] each, from its final hidden states and LM head: full-vocabulary logits only for
-    ROWS_PER_CHUNK rows at a time, in fp32."""
+    log-probs) [n, k+S] each, from its final hidden states and LM head: full-vocabulary logits for whole pairs
+    of about ROWS_PER_CHUNK rows at a time, in fp32; batch row b's tail draws come from a generator seeded
+    with seeds[b] (`draw_seed` of its pair)."""
+    lengths = mask.sum(1).tolist()
     rows = hidden[mask]
-    ids, values = [], []
     w = weight[:vocab_size].float()
     b = None if bias is None else bias.reshape(-1)[:vocab_size].float()
-    for start in range(0, rows.shape[0], ROWS_PER_CHUNK):
-        logits = rows[start:start + ROWS_PER_CHUNK].float() @ w.T
+    ids, values, first, start = [], [], 0, 0
+    while first < len(lengths):
+        last, count = first, 0
+        while last < len(lengths) and (count == 0 or count + lengths[last] <= ROWS_PER_CHUNK):
+            count += lengths[last]
+            last += 1
+        logits = rows[start:start + count].float() @ w.T
         if b is not None:
             logits += b
-        chunk_ids, chunk_values = sparse_distribution(torch.log_softmax(logits, dim=-1), spec, generator)
+        generators = [(lengths[i], torch.Generator(device=logits.device).manual_seed(seeds[i]))
+                      for i in range(first, last)]
+        chunk_ids, chunk_values = sparse_distribution(torch.log_softmax(logits, dim=-1), spec, generators)
         ids.append(chunk_ids.to(torch.int32).cpu())
         values.append(chunk_values.cpu())
+        first, start = last, start + count
     if not ids:
         width = min(spec.top_k, vocab_size) + (spec.tail_samples if spec.top_k < vocab_size else 0)
         return torch.zeros((0, width), dtype=torch.int32), torch.zeros((0, width))

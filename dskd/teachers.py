@@ -332,10 +332,9 @@ class CachedTeacher(LocalTeacher):
         on_device = {k: v.to(device) for k, v in batch.items()}
         with torch.no_grad():
             hidden = self.runner(on_device)
-        # tail draws seeded by the batch's pairs: a rebuilt entry is the same entry
-        generator = torch.Generator(device=device).manual_seed(draw_seed(keys))
-        with self.head() as (weight, bias):
-            return score_sparse(hidden, weight, bias, on_device["target_mask"], self.spec, vocab_size, generator)
+        with self.head() as (weight, bias):  # each pair's tail draws seeded by its key: a rebuilt entry is the same
+            return score_sparse(hidden, weight, bias, on_device["target_mask"], self.spec, vocab_size,
+                                [draw_seed(key) for key in keys])
 
     def prepare(self, pool: TrainingPool, pairs: list[Pair], batch: dict[str, torch.Tensor]) -> float:
         keys = [pair_key(p.prompt, p.target) for p in pairs]

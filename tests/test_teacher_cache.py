@@ -128,7 +128,8 @@ def test_the_sparse_distribution_keeps_the_top_k_exactly_and_is_unbiased_over_th
     gen = torch.Generator().manual_seed(0)
     log_p = torch.log_softmax(torch.randn(1, 50, generator=gen) * 1.5, dim=1)
     rows = 20000
-    ids, values = sparse_distribution(log_p.expand(rows, -1).clone(), SparseSpec(top_k=5, tail_samples=8), gen)
+    ids, values = sparse_distribution(log_p.expand(rows, -1).clone(), SparseSpec(top_k=5, tail_samples=8),
+                                      [(rows, gen)])
     assert ids.shape == values.shape == (rows, 13)
     probs = values.exp()
     top = log_p[0].topk(5)
@@ -143,3 +144,22 @@ def test_the_sparse_distribution_keeps_the_top_k_exactly_and_is_unbiased_over_th
     torch.testing.assert_close(dense, log_p[0].exp(), rtol=0, atol=4e-3)  # E[p^] = p
     biased, _ = sparse_distribution(log_p, SparseSpec(top_k=5, tail_samples=0))
     assert biased.shape == (1, 5)  # S = 0: top-k alone, the tail left to the loss's single bucket
+
+
+def test_a_pairs_cached_entry_does_not_depend_on_the_pairs_scored_beside_it():
+    """Tail draws come from the pair's own stream (seeded by its key): alone or in any batch, the same entry."""
+    import torch
+
+    from dskd.teacher_cache import SparseSpec, draw_seed, pair_key, score_sparse
+
+    torch.manual_seed(0)
+    weight, spec = torch.randn(40, 8), SparseSpec(top_k=3, tail_samples=6)
+    hidden = torch.randn(3, 5, 8)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]], dtype=torch.bool)
+    seeds = [draw_seed(pair_key([i], [i + 1])) for i in range(3)]
+    together = score_sparse(hidden, weight, None, mask, spec, 40, seeds)
+    alone = score_sparse(hidden[1:2], weight, None, mask[1:2], spec, 40, seeds[1:2])
+    reordered = score_sparse(hidden[[1, 0]], weight, None, mask[[1, 0]], spec, 40, [seeds[1], seeds[0]])
+    for got in (alone, reordered):
+        torch.testing.assert_close(got[0][:5], together[0][3:8], rtol=0, atol=0)
+        torch.testing.assert_close(got[1][:5], together[1][3:8])
