@@ -152,6 +152,7 @@ class TeacherNeeds:
     epochs: int  # epochs of its pool the phase will reach
     vocab_size: int  # the vocabulary rows the loss compares (the student's)
     batch_size: int
+    device: torch.device  # where the training step's batches go (an offloaded teacher's parameters may not be)
 
 
 class Teacher:
@@ -314,7 +315,7 @@ class CachedTeacher(LocalTeacher):
                          collate_training([(p.prompt, p.target) for p in chunk], encoder.formatting.arch,
                                           encoder.tokenizer.pad_token_id, start)) for chunk in mine]
             with tqdm(total=len(collated), desc="teacher cache", unit="batch", disable=not dist.is_main) as bar:
-                fill(self.cache, collated, lambda keys, batch: self._score(batch, keys, needs.vocab_size), progress=bar,
+                fill(self.cache, collated, lambda keys, batch: self._score(batch, keys, needs), progress=bar,
                      stop=preemption.agreed if dist.world_size > 1 else preemption.requested)
         if torch_dist.is_initialized():
             torch_dist.barrier()
@@ -327,13 +328,12 @@ class CachedTeacher(LocalTeacher):
                                "after scoring them (a shard failed to write?)")
 
     def _score(self, batch: dict[str, torch.Tensor], keys: list[str],
-               vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        device = next(self.module.parameters()).device
-        on_device = {k: v.to(device) for k, v in batch.items()}
+               needs: TeacherNeeds) -> tuple[torch.Tensor, torch.Tensor]:
+        on_device = {k: v.to(needs.device) for k, v in batch.items()}
         with torch.no_grad():
             hidden = self.runner(on_device)
         with self.head() as (weight, bias):  # each pair's tail draws seeded by its key: a rebuilt entry is the same
-            return score_sparse(hidden, weight, bias, on_device["target_mask"], self.spec, vocab_size,
+            return score_sparse(hidden, weight, bias, on_device["target_mask"], self.spec, needs.vocab_size,
                                 [draw_seed(key) for key in keys])
 
     def prepare(self, pool: TrainingPool, pairs: list[Pair], batch: dict[str, torch.Tensor]) -> float:

@@ -48,7 +48,7 @@ def test_a_second_student_reuses_the_cache_and_joint_teaching_mixes_cached_and_l
     shards = sorted((cache.shards).glob("*.parquet"))
     assert shards
 
-    def no_scoring(self, batch, vocab_size):
+    def no_scoring(self, batch, keys, needs):
         raise AssertionError("the cache already holds every pair this student trains on")
 
     monkeypatch.setattr(CachedTeacher, "_score", no_scoring)

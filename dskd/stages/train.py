@@ -232,7 +232,7 @@ class TrainingStage:
         for spec, pool, n in zip(self.specs, pools, steps):  # e.g. the teacher cache scores what it lacks
             micro_batches = pool.micro_batches_per_epoch(mbs, dist.world_size)
             spec.teacher.ready(pool, TeacherNeeds(self.encoder, dist, epochs=math.ceil(n * gas / micro_batches),
-                                                  vocab_size=self.vocab, batch_size=mbs))
+                                                  vocab_size=self.vocab, batch_size=mbs, device=self.engine.device))
         self.engine.train()  # from_pretrained returns eval mode: dropout must be on while training
         self.model = self.engine.module.hf_model
         self.synced_gpus = self.engine.zero_optimization_partition_weights() and dist.world_size > 1
