@@ -1,6 +1,7 @@
 """`dskd serve-teacher`: the sampler's statistics, per-row settings in one batch, and the real HTTP server (a
 subprocess on 127.0.0.1): OpenAI formats, log-probs equal to the model's own, seeded sampling that does not
-depend on batching, stop strings, errors, and overload answered with 429 that retrying clients get through."""
+depend on batching, stop strings, errors, and overload answered with 429 that retrying clients get through;
+vLLM-style scoring of given tokens (token-id prompts, prompt_logprobs) on a causal teacher."""
 
 from __future__ import annotations
 
@@ -12,10 +13,10 @@ import requests
 import torch
 
 from dskd.blackbox.client import EndpointClient, SamplingParams
-from dskd.tokens import SurfaceVocab, token_pieces
+from dskd.tokens import SurfaceVocab, anchor_id, piece_in_context, token_pieces
 from dskd.config import EndpointConfig
 from dskd.data.pt_store import weights_fingerprint
-from dskd.serve.options import ServeConfig
+from dskd.serve.options import ServeConfig, add_arguments, config_from_args
 from dskd.serve.runner import RequestError, RowSampler, SampleRow, TeacherRunner
 from tests.test_blackbox_support import served_teacher, write_teacher
 
@@ -212,6 +213,198 @@ def test_overload_is_answered_with_429_and_retrying_clients_all_get_through(serv
             n=2, temperature=1.0, top_p=1.0, max_tokens=16), seed=i, top_logprobs=1), range(48)))
     assert all(len(r.samples) == 2 and all(s.tokens is not None for s in r.samples) for r in results)
     assert client.stats.snapshot()["transient_errors"] > 0  # the queue limit was hit and retried through
+
+
+# ------------------------------------------------------------------------------- vLLM-style prompt scoring
+
+@pytest.fixture(scope="module")
+def causal_dir(tiny_tokenizer, tmp_path_factory):
+    """A random Llama whose output layer is scaled up, so its next-token log-probs are well apart (a plain random
+    init puts them within 1e-5 of each other, where top-k order is float noise)."""
+    from transformers import AutoModelForCausalLM
+
+    directory = write_teacher(tmp_path_factory.mktemp("causal") / "llama-teacher", tiny_tokenizer, arch="causal")
+    model = AutoModelForCausalLM.from_pretrained(directory)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40.0)
+    model.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def causal_server(causal_dir, tmp_path_factory):
+    with served_teacher(causal_dir, tmp_path_factory.mktemp("causal-server"), "--max-batch", "16",
+                        "--max-tokens-cap", "4", "--max-input-tokens", "64", "--max-logprobs", "5",
+                        "--batch-wait-ms", "20") as (url, _):
+        yield url
+
+
+def scored_ids(tokenizer, text=PROMPT):
+    """Token ids a client would send: the text's tokens with no BOS or separator (they must not be added)."""
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def reference_log_probs(model_dir, ids):
+    """Transformers' own fp32 log_softmax of the model's logits on exactly these ids: row i-1 scores token i."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+
+
+def assert_prompt_logprobs(entries, ids, log_probs, k):
+    """entries (vLLM's prompt_logprobs) against the reference: None first, then the top-k with ranks 1..k and the
+    prompt token itself (first key) with its true rank. Returns how many prompt tokens were outside the top-k."""
+    assert len(entries) == len(ids) and entries[0] is None
+    outside = 0
+    for i in range(1, len(ids)):
+        entry, row, token = entries[i], log_probs[i - 1], ids[i]
+        assert next(iter(entry)) == str(token)  # vLLM lists the prompt token first
+        values, top_ids = row.topk(k)
+        by_rank = sorted(((v["rank"], int(key), v["logprob"]) for key, v in entry.items()))
+        top = by_rank[:k]  # the prompt token, when outside the top-k, ranks k+1 or below
+        assert [t[0] for t in top] == list(range(1, k + 1))
+        for (rank, token_id, value), expected_id, expected in zip(top, top_ids.tolist(), values.tolist()):
+            assert value == pytest.approx(expected, abs=1e-5)
+            assert token_id == expected_id or abs(float(row[token_id]) - expected) < 1e-5  # (a tie in order only)
+        own = entry[str(token)]
+        assert own["logprob"] == pytest.approx(float(row[token]), abs=1e-5)
+        assert own["rank"] == int((row >= row[token]).sum())
+        if token not in top_ids.tolist():
+            outside += 1
+            assert len(entry) == k + 1 and own["rank"] > k
+        else:
+            assert len(entry) == k
+    return outside
+
+
+def test_prompt_logprobs_of_token_ids_are_the_models_own(causal_server, causal_dir, tiny_tokenizer):
+    ids = scored_ids(tiny_tokenizer)
+    reply = post(causal_server, "completions", prompt=ids, max_tokens=1, temperature=0, prompt_logprobs=3)
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    (choice,) = body["choices"]
+    assert body["usage"]["prompt_tokens"] == len(ids)  # scored exactly as sent: no BOS, no separator
+    assert body["usage"]["completion_tokens"] <= 1  # max_tokens=1: generation kept as it is
+    log_probs = reference_log_probs(causal_dir, ids)
+    assert assert_prompt_logprobs(choice["prompt_logprobs"], ids, log_probs, 3) > 0  # some token outside top-3
+    anchor = anchor_id(tiny_tokenizer)  # decoded_token: the token's text piece, as vLLM gives it
+    for entry in choice["prompt_logprobs"][1:]:
+        assert all(v["decoded_token"] == piece_in_context(tiny_tokenizer, int(key), anchor) for key, v in entry.items())
+    # prompt_logprobs=0: just the prompt token, with its rank
+    zero = post(causal_server, "completions", prompt=ids, max_tokens=1, prompt_logprobs=0).json()
+    for i, entry in enumerate(zero["choices"][0]["prompt_logprobs"][1:], start=1):
+        assert list(entry) == [str(ids[i])] and entry[str(ids[i])]["rank"] == int(
+            (log_probs[i - 1] >= log_probs[i - 1, ids[i]]).sum())
+    # a text prompt is encoded as today (runner.encode_prompt: BOS first) and scored over those ids
+    text = post(causal_server, "completions", prompt=PROMPT, max_tokens=1, prompt_logprobs=1).json()
+    text_ids = [tiny_tokenizer.bos_token_id] + ids
+    assert text["usage"]["prompt_tokens"] == len(text_ids)
+    assert_prompt_logprobs(text["choices"][0]["prompt_logprobs"], text_ids,
+                           reference_log_probs(causal_dir, text_ids), 1)
+
+
+def test_a_batch_of_token_id_prompts_scores_each_prompt_as_alone(causal_server, causal_dir, tiny_tokenizer):
+    ids = scored_ids(tiny_tokenizer, PROMPT + "\n\ndef add(a, b):\n    return a + b")
+    prompts = [ids[:5], ids, ids[3:14]]  # different lengths: the short ones are padded in the batch
+    batch = post(causal_server, "completions", prompt=prompts, n=2, seed=1, max_tokens=1, prompt_logprobs=4)
+    assert batch.status_code == 200, batch.text
+    choices = batch.json()["choices"]
+    assert [c["index"] for c in choices] == list(range(6))
+    assert batch.json()["usage"]["prompt_tokens"] == sum(len(p) for p in prompts)
+    for p, prompt in enumerate(prompts):
+        alone = post(causal_server, "completions", prompt=prompt, max_tokens=1, prompt_logprobs=4).json()
+        expected = alone["choices"][0]["prompt_logprobs"]
+        for choice in choices[p * 2:(p + 1) * 2]:  # index = prompt index x n + sample index
+            got = choice["prompt_logprobs"]
+            assert len(got) == len(prompt) and got[0] is None
+            for entry, reference in zip(got[1:], expected[1:]):
+                assert list(entry) == list(reference)
+                for key in entry:
+                    assert entry[key]["rank"] == reference[key]["rank"]
+                    assert entry[key]["decoded_token"] == reference[key]["decoded_token"]
+                    assert entry[key]["logprob"] == pytest.approx(reference[key]["logprob"], abs=1e-5)
+        assert_prompt_logprobs(choices[p * 2]["prompt_logprobs"], prompt, reference_log_probs(causal_dir, prompt), 4)
+
+
+def test_the_runner_scores_distinct_prompts_once_and_in_chunks(causal_dir, tiny_tokenizer):
+    runner = TeacherRunner(ServeConfig(model=str(causal_dir), max_input_tokens=64, max_tokens_cap=2, max_batch=4))
+    ids = scored_ids(tiny_tokenizer)
+    # row 1 asks for no scores; the other rows hold 5 distinct prompts (row 2 repeats row 0): 2 passes of <= 4
+    prompts = [ids, ids[:7], ids, ids[2:9], ids[1:4], ids[4:10], ids[:7]]
+    calls = []
+    score_prompts = runner.score_prompts
+    runner.score_prompts = lambda ps, ks: calls.append(len(ps)) or score_prompts(ps, ks)
+    batch = [SampleRow(p, 0.0, 1.0, 0, 1, 0, i, 2 if i != 1 else None) for i, p in enumerate(prompts)]
+    whole = runner.run(batch)
+    assert calls == [4, 1] and whole[1].prompt_scores is None and whole[6].prompt_scores is not None
+    assert whole[0].prompt_scores is whole[2].prompt_scores
+    runner.score_chunk_elements = 3 * len(tiny_tokenizer)  # top-k over 3 positions at a time
+    chunked = runner.score_prompts([list(p) for p in prompts], [2] * len(prompts))
+    for out, scores in zip(whole, chunked):
+        if out.prompt_scores is None:
+            continue
+        assert torch.allclose(out.prompt_scores.logprobs, scores.logprobs, atol=1e-6)
+        assert torch.equal(out.prompt_scores.ranks, scores.ranks)
+        assert torch.allclose(out.prompt_scores.top_logprobs, scores.top_logprobs, atol=1e-6)
+        assert out.prompt_scores.top_ids.shape == (len(out.prompt_scores.token_ids) - 1, 2)
+
+
+@pytest.mark.parametrize("body, words", [
+    ({"prompt": [5, 6, 7], "prompt_logprobs": 6}, ["prompt_logprobs=6", "limit of 5", "--max-logprobs"]),
+    ({"prompt": [5, 6, 7], "logprobs": 6}, ["logprobs=6", "--max-logprobs"]),
+    ({"prompt": [5, 6, 7], "prompt_logprobs": -1}, ["whole vocabulary: VOCAB", "--max-logprobs"]),
+    ({"prompt": [5, 99999, 7], "prompt_logprobs": 1}, ["99999", "out of vocabulary", "VOCAB"]),
+    ({"prompt": [[5, 6], [-1, 6]], "prompt_logprobs": 1}, ["-1", "VOCAB"]),
+    ({"prompt": [[5, 6], []], "prompt_logprobs": 1}, ["empty"]),
+    ({"prompt": list(range(5, 75)), "prompt_logprobs": 1}, ["70 tokens", "--max-input-tokens"]),
+])
+def test_prompt_logprobs_requests_past_the_limits_get_400(causal_server, tiny_tokenizer, body, words):
+    reply = post(causal_server, "completions", max_tokens=1, **body)
+    message = reply.json()["error"]["message"]
+    assert reply.status_code == 400
+    assert all(w.replace("VOCAB", str(len(tiny_tokenizer))) in message for w in words), message
+
+
+def test_prompt_logprobs_default_cap_and_seq2seq_teachers(server):
+    too_many = post(server, "completions", prompt=PROMPT, max_tokens=1, prompt_logprobs=21)
+    assert too_many.status_code == 400 and "limit of 20 (--max-logprobs)" in too_many.json()["error"]["message"]
+    seq2seq = post(server, "completions", prompt=[5, 6, 7], max_tokens=1, prompt_logprobs=1)
+    assert seq2seq.status_code == 400
+    assert "prompt_logprobs needs a decoder-only model" in seq2seq.json()["error"]["message"]
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert config_from_args(parser.parse_args(["--model", "m"])).max_logprobs == 20 == ServeConfig("m").max_logprobs
+    assert config_from_args(parser.parse_args(["--model", "m", "--max-logprobs", "7"])).max_logprobs == 7
+    assert "--max-logprobs" in parser.format_help()
+
+
+def test_return_tokens_as_token_ids_names_tokens_by_id_as_vllm_does(causal_server, tiny_tokenizer):
+    ids = scored_ids(tiny_tokenizer)[:8]
+    body = {"prompt": ids, "max_tokens": 3, "temperature": 0, "prompt_logprobs": 2, "logprobs": 2}
+    plain = post(causal_server, "completions", **body).json()["choices"][0]
+    as_ids = post(causal_server, "completions", return_tokens_as_token_ids=True, **body).json()["choices"][0]
+    assert plain["text"] == as_ids["text"]
+    # the generated tokens and their alternatives are named "token_id:<id>"; offsets count those strings (vLLM)
+    generated = as_ids["logprobs"]
+    assert generated["tokens"] and all(t.startswith("token_id:") for t in generated["tokens"])
+    assert token_pieces(tiny_tokenizer, [int(t.split(":")[1]) for t in generated["tokens"]]) == \
+        plain["logprobs"]["tokens"]
+    assert generated["text_offset"] == [sum(len(t) for t in generated["tokens"][:i])
+                                        for i in range(len(generated["tokens"]))]
+    assert generated["token_logprobs"] == plain["logprobs"]["token_logprobs"]
+    for top, plain_top in zip(generated["top_logprobs"], plain["logprobs"]["top_logprobs"]):
+        assert len(top) == 2 and all(key.startswith("token_id:") for key in top)
+        assert set(plain_top.values()) <= set(top.values())  # (text keys merge tokens of the same text)
+    # prompt_logprobs are keyed by id either way; vLLM keeps decoded_token as text under this flag (probed)
+    assert as_ids["prompt_logprobs"] == plain["prompt_logprobs"]
+    assert all(not v["decoded_token"].startswith("token_id:")
+               for entry in as_ids["prompt_logprobs"][1:] for v in entry.values())
+    # a request that does not ask for prompt_logprobs still has the key, null (vLLM's choice shape)
+    assert post(causal_server, "completions", prompt=ids, max_tokens=1).json()["choices"][0]["prompt_logprobs"] is None
 
 
 # ------------------------------------------------------------------------------- the Slurm template

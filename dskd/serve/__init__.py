@@ -7,6 +7,15 @@ max_tokens, seed, stop, and `logprobs` / `top_logprobs`: the log-probabilities o
 of its top-k alternatives, with token text, UTF-8 bytes and text offsets), GET /v1/models, GET /health.
 Errors use OpenAI's {"error": {...}} shape; a full queue answers 429 with Retry-After so clients back off.
 
+It also scores given tokens the way vLLM does, for a training job that uses it as a served teacher: on
+/v1/completions `prompt` may be token ids (list[int], or a batch list[list[int]]), used exactly as sent, and
+`prompt_logprobs: K` (decoder-only models; K <= --max-logprobs, default 20 as in vLLM) returns, per prompt
+token i >= 1, the top-K of the model's next-token distribution after tokens[:i] plus token i itself with its
+rank, as vLLM's `prompt_logprobs` ({"<id>": {"logprob", "rank", "decoded_token"}}, null for token 0);
+`return_tokens_as_token_ids` turns the tokens of `logprobs` into "token_id:<id>" (as vLLM: not decoded_token).
+The scores come from one batched, right-padded forward pass on the worker thread, after the rows' generate()
+call (vLLM needs max_tokens >= 1: scoring clients send max_tokens=1).
+
 It exists so a big teacher can live on its own nodes while students are distilled elsewhere (`dskd generate`
 with generate.endpoint), and it is the real server the black-box tests talk to. For maximum throughput on
 GPUs, any OpenAI-compatible server (e.g. vLLM) works with the same client.

@@ -3,12 +3,29 @@ and the FastAPI app.
 
 - `CompletionRequest` / `ChatRequest` (pydantic): the supported fields, validated; unknown fields are
   ignored as OpenAI does; unsupported ones (stream, penalties, logit_bias, echo, suffix, best_of) -> 400.
+  Supported: model, n, temperature, top_p, top_k, seed, stop, max_tokens (chat: max_completion_tokens),
+  logprobs (chat: logprobs + top_logprobs), and on /v1/completions vLLM's extensions:
+  - `prompt` as text, a list of texts, token ids (list[int]) or a batch of them (list[list[int]]); token ids
+    are used exactly as sent (never re-encoded: no BOS or separator, never truncated: longer than
+    --max-input-tokens -> 400), ids outside the vocabulary -> 400 (text prompts: runner.encode_prompt, as before);
+  - `prompt_logprobs: K` (0..--max-logprobs, -1 = the whole vocabulary; decoder-only models, else 400): every
+    choice has `prompt_logprobs` (null when not asked for), one entry per prompt token: null for the first,
+    then {"<token id>": {"logprob", "rank", "decoded_token"}} holding the prompt token itself (always the first
+    key, with its 1-based rank) and the top-K of the model's next-token distribution after the tokens before
+    it (fp32 log_softmax of the raw logits: temperature, top_p and top_k do not change it), as vLLM returns it;
+  - `return_tokens_as_token_ids`: in `logprobs`, the tokens and the keys of top_logprobs become
+    "token_id:<id>" (text_offset then counts those strings), as in vLLM; decoded_token stays text (vLLM too).
+  The top-k of logprobs / top_logprobs / prompt_logprobs is capped by --max-logprobs (default 20, as vLLM).
+  Not supported: prompt_logprobs / return_tokens_as_token_ids on the chat route (ignored there), echo,
+  vLLM's return_token_ids / stop_reason fields.
 - `sample_seed(seed, index)`: each sample of a request gets its own random stream, reproducible when seeded.
 - `Service`: one request -> one row per sample (prompt x n) on the `Batcher` -> stop strings applied ->
   OpenAI's completion / chat.completion JSON (legacy `logprobs` with text offsets, or chat `logprobs.content`
-  with UTF-8 bytes) and usage; GET /v1/models lists the served name (--served-name, default the model
-  directory's name; never its path, which would show clients the server's filesystem) and the weights'
-  fingerprint (`dskd_fingerprint`); requests name the model by that name.
+  with UTF-8 bytes; vLLM's `prompt_logprobs`) and usage; GET /v1/models lists the served name (--served-name,
+  default the model directory's name; never its path, which would show clients the server's filesystem) and
+  the weights' fingerprint (`dskd_fingerprint`); requests name the model by that name. Prompt scoring runs on
+  the batcher's worker thread with generation (the rows that ask for it are scored by one batched forward
+  pass after their generate() call), so clients that only want scores send max_tokens=1 as with vLLM.
 - `build_app(service, api_key, on_ready)`: routes POST /v1/completions, /v1/chat/completions, GET /v1/models,
   /health; errors in OpenAI's {"error": {...}} shape (400 invalid, 401 key, 404 model, 429 with
   Retry-After, 500 generation); with an api_key every route but /health needs `Authorization: Bearer`.
@@ -26,15 +43,14 @@ import uuid
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from dskd.data.pt_store import weights_fingerprint
 from dskd.serve.batching import Batcher
-from dskd.serve.runner import Overloaded, RequestError, SampleOut, SampleRow, ServeConfig, TeacherRunner, apply_stop
+from dskd.serve.runner import (Overloaded, PromptScores, RequestError, SampleOut, SampleRow, ServeConfig,
+                               TeacherRunner, apply_stop)
 
 log = logging.getLogger(__name__)
-
-MAX_TOP_LOGPROBS = 20  # what OpenAI's API allows
 
 
 class _OpenAIRequest(BaseModel):
@@ -64,9 +80,12 @@ class _OpenAIRequest(BaseModel):
 
 
 class CompletionRequest(_OpenAIRequest):
-    prompt: str | list[str]
+    # text, texts, token ids, or a batch of token-id lists (OpenAI's and vLLM's four forms)
+    prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]
     max_tokens: int | None = Field(16, ge=1)
-    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    logprobs: int | None = Field(None, ge=-1)  # capped by --max-logprobs; -1: the whole vocabulary (vLLM)
+    prompt_logprobs: int | None = Field(None, ge=-1)  # vLLM's; capped likewise
+    return_tokens_as_token_ids: bool = False  # vLLM's
     echo: bool = False
     best_of: int | None = None
     suffix: str | None = None
@@ -83,7 +102,7 @@ class ChatRequest(_OpenAIRequest):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    top_logprobs: int | None = Field(None, ge=0)  # capped by --max-logprobs
 
 
 def sample_seed(seed: int | None, index: int) -> int:
@@ -117,9 +136,35 @@ class Service:
                                "(--max-tokens-cap)")
         return value
 
-    def _rows(self, req: _OpenAIRequest, prompts: list[list[int]], max_tokens: int, top: int) -> list[SampleRow]:
-        return [SampleRow(ids, req.temperature, req.top_p, req.top_k, max_tokens, top, sample_seed(req.seed, i))
+    def _top_k(self, name: str, value: int | None) -> int | None:
+        """A requested top-k checked against --max-logprobs; -1 (as in vLLM) is the whole vocabulary."""
+        if value is None:
+            return None
+        asked = f"{name}={value}"
+        if value == -1:
+            value = self.runner.vocab_size
+            asked += f" (the whole vocabulary: {value})"
+        if value > self.cfg.max_logprobs:
+            raise RequestError(f"{asked} exceeds this server's limit of {self.cfg.max_logprobs} (--max-logprobs)")
+        return value
+
+    def _rows(self, req: _OpenAIRequest, prompts: list[list[int]], max_tokens: int, top: int,
+              prompt_logprobs: int | None = None) -> list[SampleRow]:
+        return [SampleRow(ids, req.temperature, req.top_p, req.top_k, max_tokens, top, sample_seed(req.seed, i),
+                          prompt_logprobs)
                 for p, ids in enumerate(prompts) for i in range(p * req.n, (p + 1) * req.n)]
+
+    def _prompts(self, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
+        """Texts are encoded as dskd formats prompts (runner.encode_prompt); token ids are taken as they are."""
+        if isinstance(prompt, str):
+            return [self.runner.encode_prompt(prompt)]
+        if not prompt:
+            raise RequestError("prompt is empty")
+        if isinstance(prompt[0], int):
+            return [self.runner.check_token_ids(prompt)]
+        if isinstance(prompt[0], list):
+            return [self.runner.check_token_ids(ids) for ids in prompt]
+        return [self.runner.encode_prompt(text) for text in prompt]
 
     async def _generate(self, rows: list[SampleRow], stops: list[str]) -> list[SampleOut]:
         samples = await asyncio.wrap_future(self.batcher.submit(rows))
@@ -130,31 +175,56 @@ class Service:
         self._check_model(req.model)
         if req.echo or req.suffix or (req.best_of not in (None, req.n)):
             raise RequestError("echo, suffix and best_of are not supported by dskd serve-teacher")
-        texts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
-        if not texts:
-            raise RequestError("prompt is empty")
-        prompts = [self.runner.encode_prompt(t) for t in texts]
-        top = req.logprobs or 0
-        samples = await self._generate(self._rows(req, prompts, self._max_tokens(req.max_tokens), top), req.stops())
+        top = self._top_k("logprobs", req.logprobs) or 0
+        prompt_logprobs = self._top_k("prompt_logprobs", req.prompt_logprobs)
+        if prompt_logprobs is not None and self.runner.arch != "causal":
+            raise RequestError(f"prompt_logprobs needs a decoder-only model; '{self.name}' is {self.runner.arch}")
+        max_tokens = self._max_tokens(req.max_tokens)
+        prompts = self._prompts(req.prompt)
+        samples = await self._generate(self._rows(req, prompts, max_tokens, top, prompt_logprobs), req.stops())
+        as_ids = req.return_tokens_as_token_ids
         choices = []
         for index, sample in enumerate(samples):
             logprobs = None
             if req.logprobs is not None:
-                offsets = _offsets(sample)
-                logprobs = {"tokens": [t.text for t in sample.tokens],
-                            "token_logprobs": [t.logprob for t in sample.tokens],
-                            "top_logprobs": [_top_dict(t.top) for t in sample.tokens],
-                            "text_offset": offsets}
+                if as_ids:  # as vLLM: ids for the tokens and top_logprobs keys; offsets count these strings
+                    tokens = [f"token_id:{t.id}" for t in sample.tokens]
+                    top_dicts = [{f"token_id:{i}": v for i, (_, v) in zip(t.top_ids, t.top)} for t in sample.tokens]
+                else:
+                    tokens = [t.text for t in sample.tokens]
+                    top_dicts = [_top_dict(t.top) for t in sample.tokens]
+                logprobs = {"tokens": tokens, "token_logprobs": [t.logprob for t in sample.tokens],
+                            "top_logprobs": top_dicts, "text_offset": _offsets(tokens)}
+            scores = None
+            if prompt_logprobs is not None:
+                scores = self._prompt_logprobs(sample.prompt_scores, prompt_logprobs)
             choices.append({"index": index, "text": sample.text, "logprobs": logprobs,
-                            "finish_reason": sample.finish_reason})
+                            "finish_reason": sample.finish_reason, "prompt_logprobs": scores})
         return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": self.name, "choices": choices, "usage": _usage(prompts, req.n, samples)}
+
+    def _prompt_logprobs(self, scores: PromptScores, k: int) -> list[dict | None]:
+        """vLLM's prompt_logprobs: None for the first token, then per position {id: Logprob} with the prompt
+        token first (its own rank), then the top-k (ranks 1..k; the prompt token keeps its place when among them).
+        decoded_token is the token's text piece ('' for a partial UTF-8 character), as vLLM gives it, and stays
+        text under return_tokens_as_token_ids (vLLM applies that flag to `logprobs` only)."""
+        text = self.runner.piece
+        out: list[dict | None] = [None]
+        lps, ranks = scores.logprobs.tolist(), scores.ranks.tolist()
+        top_ids, top_lps = scores.top_ids[:, :k].tolist(), scores.top_logprobs[:, :k].tolist()
+        for j, token_id in enumerate(scores.token_ids[1:]):
+            entry = {str(token_id): {"logprob": lps[j], "rank": ranks[j], "decoded_token": text(token_id)}}
+            for r, (i, v) in enumerate(zip(top_ids[j], top_lps[j]), start=1):
+                entry[str(i)] = {"logprob": v, "rank": r, "decoded_token": text(i)}
+            out.append(entry)
+        return out
 
     async def chat(self, req: ChatRequest) -> dict:
         req.check_supported()
         self._check_model(req.model)
         if req.top_logprobs and not req.logprobs:
             raise RequestError("top_logprobs needs logprobs=true")
+        self._top_k("top_logprobs", req.top_logprobs)
         prompt = self.runner.encode_chat([m.model_dump() for m in req.messages])
         top = (req.top_logprobs or 0) if req.logprobs else 0
         max_tokens = self._max_tokens(req.max_completion_tokens or req.max_tokens)
@@ -172,11 +242,11 @@ class Service:
                 "model": self.name, "choices": choices, "usage": _usage([prompt], req.n, samples)}
 
 
-def _offsets(sample: SampleOut) -> list[int]:
+def _offsets(tokens: list[str]) -> list[int]:
     offsets, position = [], 0
-    for token in sample.tokens:
+    for token in tokens:
         offsets.append(position)
-        position += len(token.text)
+        position += len(token)
     return offsets
 
 

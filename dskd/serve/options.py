@@ -17,6 +17,7 @@ class ServeConfig:
     max_queue: int = 256  # pending requests beyond this get 429
     max_input_tokens: int = 512
     max_tokens_cap: int = 256  # largest max_tokens a request may ask for
+    max_logprobs: int = 20  # largest logprobs / top_logprobs / prompt_logprobs a request may ask for (as vLLM)
     causal_separator: str = ""
     dtype: str = "fp32"
     device: str = "auto"
@@ -41,6 +42,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-input-tokens", type=int, default=d.max_input_tokens,
                         help="prompts are truncated to this many tokens (use the recipe's data.max_input_tokens)")
     parser.add_argument("--max-tokens-cap", type=int, default=d.max_tokens_cap, help="largest max_tokens allowed")
+    parser.add_argument("--max-logprobs", type=int, default=d.max_logprobs,
+                        help="largest top-k a request may ask for in logprobs, top_logprobs and prompt_logprobs "
+                             f"(vLLM's flag and default: {d.max_logprobs}); prompt_logprobs=K returns the model's "
+                             "top-K log-probs at every prompt position (decoder-only models)")
     parser.add_argument("--causal-separator", default=d.causal_separator,
                         help="appended to causal prompts (a dskd causal teacher: the recipe's data.causal_separator)")
     parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=d.dtype)
@@ -55,6 +60,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
     return ServeConfig(model=args.model, host=args.host, port=args.port, served_name=args.served_name,
                        max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue,
                        max_input_tokens=args.max_input_tokens, max_tokens_cap=args.max_tokens_cap,
+                       max_logprobs=args.max_logprobs,
                        causal_separator=args.causal_separator, dtype=args.dtype, device=args.device,
                        threads=args.threads, api_key_env=args.api_key_env, url_file=args.url_file,
                        trust_remote_code=args.trust_remote_code)

@@ -1,20 +1,27 @@
-"""The model side of `dskd serve-teacher`: the teacher, its tokenizer, and one batched generate() call for rows
-that each keep their own sampling settings.
+"""The model side of `dskd serve-teacher`: the teacher, its tokenizer, one batched generate() call for rows
+that each keep their own sampling settings, and one batched forward pass that scores prompts.
 
 - `ServeConfig` (from `dskd.serve.options`): every server setting. `RequestError` (-> HTTP 400)
   and `Overloaded` (-> HTTP 429) are what the HTTP side (`dskd.serve.api`) turns into OpenAI-style errors.
-- `SampleRow` (a prompt's ids + its request's settings + a seed) -> `SampleOut` (text, one `TokenOut` per
-  token with its log-prob and top-k alternatives, finish reason "stop" or "length").
+- `SampleRow` (a prompt's ids + its request's settings + a seed, and `prompt_logprobs`: how many top
+  log-probs to report at every prompt position, None = no scoring) -> `SampleOut` (text, one `TokenOut` per
+  token with its id, log-prob and top-k alternatives, finish reason "stop" or "length", and `prompt_scores`).
 - `RowSampler`: the last logits processor of a greedy generate(); it picks every row's token with that row's
   temperature / top_p / top_k / max_tokens and its own generator, and records the temperature-1 log-probs.
-- `TeacherRunner`: prompts (plain text or chat messages) -> ids, rows -> samples in generate() calls of at
-  most `max_batch` rows.
+- `TeacherRunner`: prompts (plain text, chat messages, or token ids checked against the vocabulary: never
+  re-encoded) -> ids; rows -> samples in generate() calls of at most `max_batch` rows; then, for the rows that
+  ask for prompt_logprobs (decoder-only models), `PromptScores` from one forward pass per `max_batch` distinct
+  prompts (right-padded, attention-masked; a prompt shared by the n samples of a request is scored once):
+  fp32 log_softmax of the logits at position i-1 for every prompt token i >= 1, its top-k ids and values,
+  and the prompt token's own log-prob and rank (vLLM's: how many tokens score at least as high, itself
+  included). `piece(id)` is a token's text (vLLM's decoded_token: '' for a partial UTF-8 character).
+  Top-k runs over chunks of positions so that no more than a few hundred MB of fp32 log-probs exist at once.
 - `apply_stop`: OpenAI stop-string semantics on a finished sample.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
@@ -46,6 +53,7 @@ class SampleRow:
     max_tokens: int
     top_logprobs: int  # alternatives to report per token (0 = none)
     seed: int
+    prompt_logprobs: int | None = None  # top-k to report at every prompt position (None = do not score)
 
 
 @dataclass
@@ -53,6 +61,23 @@ class TokenOut:
     text: str
     logprob: float
     top: list[tuple[str, float]]
+    id: int = -1
+    top_ids: list[int] = field(default_factory=list)  # the ids of `top`, in the same order
+
+
+@dataclass
+class PromptScores:
+    """The model's next-token distribution at every prompt position but the first (all on the CPU, fp32).
+
+    Row j is about prompt token j + 1 given tokens[:j + 1]: its log-prob and rank, and the top-k ids/values
+    (k = the largest prompt_logprobs any row of this prompt asked for; a row asking for fewer takes a prefix).
+    """
+
+    token_ids: list[int]
+    logprobs: torch.Tensor  # [L-1]
+    ranks: torch.Tensor  # [L-1], 1-based
+    top_ids: torch.Tensor  # [L-1, k]
+    top_logprobs: torch.Tensor  # [L-1, k]
 
 
 @dataclass
@@ -60,6 +85,7 @@ class SampleOut:
     text: str
     tokens: list[TokenOut]
     finish_reason: str  # "stop" (EOS or a stop string) or "length"
+    prompt_scores: PromptScores | None = None
 
 
 class RowSampler(LogitsProcessor):
@@ -134,11 +160,29 @@ class TeacherRunner:
                                                           cfg.causal_separator))
         self._anchor = anchor_id(self.tokenizer)
         self._pieces: dict[int, str] = {}
+        self.vocab_size = self.model.get_input_embeddings().weight.shape[0]
+
+    # budget of fp32 log-prob elements per top-k chunk (positions x vocabulary): 2^26 floats = 256 MiB
+    score_chunk_elements = 1 << 26
 
     # -- prompts
 
     def encode_prompt(self, text: str) -> list[int]:
         return self.encoder.prompt_ids(text)
+
+    def check_token_ids(self, ids: list[int]) -> list[int]:
+        """A prompt given as token ids, used as-is (no BOS, separator or truncation: the client sends exactly
+        the ids it wants); ids outside the model's vocabulary and over-long prompts are a RequestError."""
+        if not ids:
+            raise RequestError("a token-id prompt is empty")
+        bad = next((i for i in ids if not 0 <= i < self.vocab_size), None)
+        if bad is not None:
+            raise RequestError(f"prompt token id {bad} is out of vocabulary: this model's vocabulary has "
+                               f"{self.vocab_size} tokens (ids 0..{self.vocab_size - 1})")
+        if len(ids) > self.cfg.max_input_tokens:
+            raise RequestError(f"the token-id prompt has {len(ids)} tokens; this server accepts at most "
+                               f"{self.cfg.max_input_tokens} (--max-input-tokens)")
+        return list(ids)
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         """With a chat template: the template's prompt; without one (a plain fine-tuned teacher): the messages'
@@ -158,6 +202,71 @@ class TeacherRunner:
         out: list[SampleOut] = []
         for start in range(0, len(rows), self.cfg.max_batch):
             out.extend(self._generate(rows[start:start + self.cfg.max_batch]))
+        # prompt scoring: each distinct prompt once, with the largest k any of its rows asked for
+        wanted: dict[tuple[int, ...], int] = {}
+        for row in rows:
+            if row.prompt_logprobs is not None:
+                key = tuple(row.prompt_ids)
+                wanted[key] = max(wanted.get(key, 0), row.prompt_logprobs)
+        if wanted:
+            prompts = list(wanted)
+            scores: dict[tuple[int, ...], PromptScores] = {}
+            for start in range(0, len(prompts), self.cfg.max_batch):
+                chunk = prompts[start:start + self.cfg.max_batch]
+                scores.update(zip(chunk, self.score_prompts([list(p) for p in chunk], [wanted[p] for p in chunk])))
+            for row, sample in zip(rows, out):
+                if row.prompt_logprobs is not None:
+                    sample.prompt_scores = scores[tuple(row.prompt_ids)]
+        return out
+
+    @torch.no_grad()
+    def score_prompts(self, prompts: list[list[int]], ks: list[int]) -> list[PromptScores]:
+        """One forward pass over the right-padded prompts (decoder-only models): per prompt, the fp32 log-probs
+        of its tokens 1.. given their prefixes, their ranks, and the top-k at every position."""
+        if self.arch != "causal":
+            raise RequestError("prompt_logprobs needs a decoder-only model")
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        lengths = [len(p) for p in prompts]
+        width = max(lengths)
+        input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for b, p in enumerate(prompts):
+            input_ids[b, :len(p)] = torch.tensor(p, dtype=torch.long)
+            mask[b, :len(p)] = 1
+        # right padding: every real token keeps positions 0..len-1, and causal attention never sees the pads
+        logits = self.model(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device)).logits
+        # the logits at position i-1 score token i: (prompt, position) pairs of every real token but the first
+        rows = torch.tensor([b for b, n in enumerate(lengths) for _ in range(n - 1)], dtype=torch.long)
+        cols = torch.tensor([i for n in lengths for i in range(n - 1)], dtype=torch.long)
+        targets = input_ids[rows, cols + 1]
+        k = min(max(ks), logits.shape[-1])
+        vocab = logits.shape[-1]
+        chunk = max(1, self.score_chunk_elements // vocab)
+        token_lp, token_rank, top_lp, top_ids = [], [], [], []
+        for start in range(0, len(rows), chunk):
+            r, c = rows[start:start + chunk].to(self.device), cols[start:start + chunk].to(self.device)
+            t = targets[start:start + chunk].to(self.device).unsqueeze(1)
+            log_probs = torch.log_softmax(logits[r, c].float(), -1)
+            own = log_probs.gather(1, t)
+            token_lp.append(own.squeeze(1).cpu())
+            token_rank.append((log_probs >= own).sum(-1).cpu())  # vLLM's rank: ties count against the token
+            values, indices = log_probs.topk(k, -1)
+            top_lp.append(values.cpu())
+            top_ids.append(indices.cpu())
+            del log_probs
+        del logits
+
+        def cat(parts, shape_tail, dtype):
+            return torch.cat(parts) if parts else torch.zeros((0, *shape_tail), dtype=dtype)
+
+        token_lp, token_rank = cat(token_lp, (), torch.float32), cat(token_rank, (), torch.long)
+        top_lp, top_ids = cat(top_lp, (k,), torch.float32), cat(top_ids, (k,), torch.long)
+        out, start = [], 0
+        for p, n in zip(prompts, lengths):
+            end = start + n - 1
+            out.append(PromptScores(list(p), token_lp[start:end], token_rank[start:end], top_ids[start:end],
+                                    top_lp[start:end]))
+            start = end
         return out
 
     @torch.no_grad()
@@ -184,11 +293,12 @@ class TeacherRunner:
         pieces = token_pieces(self.tokenizer, ids)
         tokens = []
         for t, piece in enumerate(pieces):
-            top = []
+            top, top_ids = [], []
             if tops is not None and row.top_logprobs:
                 values, indices = tops[0][index, t, :row.top_logprobs], tops[1][index, t, :row.top_logprobs]
-                top = [(self.piece(int(i)), float(v)) for v, i in zip(values, indices)]
-            tokens.append(TokenOut(piece, float(logprobs[t]), top))
+                top_ids = [int(i) for i in indices]
+                top = [(self.piece(i), float(v)) for v, i in zip(values, top_ids)]
+            tokens.append(TokenOut(piece, float(logprobs[t]), top, ids[t], top_ids))
         return SampleOut("".join(pieces), tokens, finish)
 
     def piece(self, token_id: int) -> str:
@@ -210,4 +320,4 @@ def apply_stop(sample: SampleOut, stops: list[str]) -> SampleOut:
             break
         tokens.append(replace(token, text=token.text[: cut - offset]))
         offset += len(token.text)
-    return SampleOut(sample.text[:cut], tokens, "stop")
+    return SampleOut(sample.text[:cut], tokens, "stop", sample.prompt_scores)
