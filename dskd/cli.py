@@ -93,10 +93,11 @@ def _parser() -> argparse.ArgumentParser:
         if stage in ("teacher", "distill"):
             p.add_argument("--resume", choices=["auto", "never"], default="never",
                            help="auto: continue from the latest complete checkpoint in the output dir")
-        if stage == "generate":
+        if stage in ("generate", "distill"):
             p.add_argument("--teacher-endpoint", metavar="URL",
-                           help="PTs from an OpenAI-compatible endpoint (sets generate.endpoint.url), e.g. "
-                                "http://127.0.0.1:8000/v1")
+                           help="the teacher's OpenAI-compatible server (sets generate.endpoint.url), e.g. "
+                                "http://127.0.0.1:8000/v1: generate takes the PTs from it; with teacher.signal=served "
+                                "distill takes the teacher's scores from it")
         p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="recipe overrides")
     serve_help = "serve a local Hugging Face model as an OpenAI-compatible endpoint (black-box teacher)"
     add_serve_arguments(sub.add_parser("serve-teacher", help=serve_help, description=serve_help))
@@ -234,7 +235,8 @@ def _preflight(recipe: Recipe, stage: str) -> None:
     check_data_files(recipe.data)
     for role, weights, tokenizer in _model_inputs(recipe, stage):
         check_model_source(getattr(recipe, role), role, weights=weights, tokenizer=tokenizer)
-    reads_teacher = stage in ("generate", "distill") and recipe.generate.endpoint is None
+    reads_teacher = ((stage == "generate" and not recipe.pts_from_server)
+                     or (stage == "distill" and recipe.teacher_in_process))
     if reads_teacher or (stage == "evaluate" and recipe.evaluate.include_teacher):
         teacher_model_path(recipe)  # teacher.finetune: the fine-tuned teacher must exist by now
     if stage == "evaluate":
@@ -251,8 +253,8 @@ def _preflight(recipe: Recipe, stage: str) -> None:
 def _model_inputs(recipe: Recipe, stage: str) -> list[tuple[str, bool, bool]]:
     """(role, whether its weights are read from the recipe's own keys, whether its tokenizer is) per model the
     stage reads. The embedded task brings the teacher's tokenizer; a fine-tuned teacher is read from the
-    teacher stage's output (checked separately); a black-box teacher's PTs are in the student's tokenizer."""
-    teacher, embedded, black_box = recipe.teacher, recipe.data.task is not None, recipe.generate.endpoint is not None
+    teacher stage's output (checked separately); a served teacher's targets are in the student's tokenizer."""
+    teacher, embedded, in_process = recipe.teacher, recipe.data.task is not None, recipe.teacher_in_process
     own_teacher_tokenizer = not embedded and (not teacher.finetune or teacher.tokenizer is not None)
     student_tokenizer = recipe.student.tokenizer is not None or recipe.student.init == "pretrained"
     if stage == "study":
@@ -260,11 +262,11 @@ def _model_inputs(recipe: Recipe, stage: str) -> list[tuple[str, bool, bool]]:
     if stage in ("teacher", "demo"):
         return [("teacher", True, not embedded)] + ([("student", True, student_tokenizer)] if stage == "demo" else [])
     if stage == "distill":
-        local = not black_box and (recipe.distill.loss == "kd" or recipe.student.init == "prune")
+        weights = in_process and (recipe.distill.loss == "kd" or recipe.student.init == "prune")
         return [("student", True, student_tokenizer),
-                ("teacher", local and not teacher.finetune, not black_box and own_teacher_tokenizer)]
-    if stage == "generate" and black_box:
-        return [("student", False, not embedded)]
+                ("teacher", weights and not teacher.finetune, in_process and own_teacher_tokenizer)]
+    if stage == "generate" and recipe.pts_from_server:  # the PTs are written in the targets' tokenizer
+        return [("teacher", False, own_teacher_tokenizer)] if in_process else [("student", False, not embedded)]
     if stage == "generate" or recipe.evaluate.include_teacher:
         return [("teacher", not teacher.finetune, own_teacher_tokenizer)]
     return []

@@ -131,11 +131,18 @@ class TeacherConfig(ModelConfig):
     shard: bool = False  # ZeRO-3-partition the eval-only teacher engine across ranks
     offload: bool = False  # ...with its parameters on CPU
     train: TrainConfig = TrainConfig(optim=OptimConfig(lr=5e-5))
-    # Where logits KD gets the teacher's signal: `local`, its forward in this process on every micro-batch;
-    # `cached`, its top-k log-probs (+ tail mass) per target token, computed once into cache_dir and reused by
-    # every epoch, student, study cell and rerun (dskd.teacher_cache); Joint-Teaching's student samples still
-    # go through the local teacher. (A black-box teacher is still chosen by generate.endpoint.)
-    signal: Literal["local", "cached"] = "local"
+    # Where logits KD gets the teacher's signal (dskd.teachers, one class per mode):
+    #   local   its forward in this process on every micro-batch (teacher.shard, offload, 8-/4-bit apply);
+    #   cached  its top-k log-probs (+ tail draws) per target token, computed once into cache_dir and reused by
+    #           every epoch, student, study cell and rerun (dskd.teacher_cache); Joint-Teaching's student samples
+    #           still go through the local teacher;
+    #   served  the server at generate.endpoint: with generate.endpoint.prompt_logprobs it scores any target
+    #           (gold, PTs, Joint-Teaching's student samples; vLLM, dskd serve-teacher), gold and PT targets once
+    #           into cache_dir; without, only the top-k of its own samples, stored with the PTs (OpenAI-style
+    #           APIs). The teacher never loads in the training process.
+    # PTs come from generate.endpoint whenever it is set, so `local`/`cached` + an endpoint is the mixed recipe:
+    # PTs from an inference server, exact logits from a local (ZeRO-3) or cached teacher.
+    signal: Literal["local", "cached", "served"] = "local"
     # exact log-probs kept per target token, the most likely tokens, plus draws from the rest (unbiased; 0: the
     # rest as one bucket, biased). Defaults from benchmarks/teacher_cache.py: within 1% of the local teacher's
     # dev loss at every k in 8..64 with 64 draws (k=32: 1.006x), at 374 bytes per target token.
@@ -173,6 +180,12 @@ class EndpointConfig(Strict):
     system_prompt: str | None = None  # chat only
     stop: list[str] = []
     top_logprobs: int | None = Field(None, ge=0, le=20)  # None: 5 when distill.loss=kd, else 0
+    # The server returns log-probs of given tokens (`prompt_logprobs`: vLLM, dskd serve-teacher): with
+    # teacher.signal=served it scores gold targets, PTs and student samples (its top `score_top_k` per target
+    # token; vLLM caps it at its --max-logprobs, default 20). Off: OpenAI-style APIs, which score only their
+    # own samples.
+    prompt_logprobs: bool = False
+    score_top_k: int = Field(20, ge=1)
     concurrency: int = Field(8, ge=1)
     max_retries: int = Field(5, ge=0)
     backoff_s: float = Field(1.0, ge=0)
@@ -320,15 +333,42 @@ class Recipe(Strict):
             raise ValueError("attention-relation KD (distill.attention_relation_weight > 0) needs distill.loss=kd")
         if not self.distill.pt_splits:
             raise ValueError("distill.pt_splits is empty: list labeled and/or unlabeled")
-        if self.generate.endpoint is not None:
-            self._check_black_box()
-        if self.teacher.signal == "cached" and self.distill.loss == "kd":
-            self._check_cached_teacher()
+        if self.generate.endpoint is not None and self.generate.decoding.strategy == "beam":
+            raise ValueError("generate.endpoint: endpoints sample or decode greedily; set generate.decoding.strategy "
+                             "to sampling or greedy")
+        if self.teacher.signal == "served":
+            self._check_served_teacher()
+        elif (self.pts_from_server and self.distill.loss == "kd" and self.teacher.path is None
+              and self.teacher.init == "pretrained" and not self.teacher.finetune):
+            raise ValueError("generate.endpoint gives the PTs; logits KD (distill.loss=kd) also needs the teacher's "
+                             "signal on them: set teacher.signal=served (the server scores them), or teacher.path (a "
+                             "local teacher: PTs from the server, logits from this process)")
+        if self.teacher.signal != "local" and self.distill.loss == "kd":
+            self._check_top_k_teacher()
         return self
 
-    def _check_cached_teacher(self) -> None:
-        """teacher.signal=cached: a stored top-k per target token defines what it can define."""
-        d, problems = self.distill, []
+    @property
+    def teacher_in_process(self) -> bool:
+        """Whether the teacher's weights load in the training process (any signal but a served one)."""
+        return self.teacher.signal != "served"
+
+    @property
+    def pts_from_server(self) -> bool:
+        """Whether `dskd generate` takes its PTs from generate.endpoint (whatever scores them)."""
+        return self.generate.endpoint is not None
+
+    def _check_served_teacher(self) -> None:
+        if self.generate.endpoint is None:
+            raise ValueError("teacher.signal=served needs the server: set generate.endpoint.url (vLLM or `dskd "
+                             "serve-teacher`, e.g. http://host:8000/v1)")
+        if self.student.init == "prune":
+            raise ValueError("student.init=prune copies a local teacher's layers; with teacher.signal=served use "
+                             "student.init=config or pretrained")
+
+    def _check_top_k_teacher(self) -> None:
+        """A cached or served teacher gives a top-k per target token: it defines what a top-k can define."""
+        d, signal, problems = self.distill, self.teacher.signal, []
+        endpoint = self.generate.endpoint
         if d.divergence != "forward_kl" or d.temperature != 1.0:
             problems.append("a top-k teacher defines forward_kl at temperature 1.0 only (distill.divergence, "
                             "distill.temperature)")
@@ -336,39 +376,20 @@ class Recipe(Strict):
             problems.append("noisy KD (distill.teacher_dropout) draws a new teacher distribution every time")
         if d.attention_relation_weight > 0:
             problems.append("attention-relation KD needs the teacher's attention projections on every batch")
-        if self.generate.endpoint is not None:
-            problems.append("a black-box teacher (generate.endpoint) already stores its top-k with its PTs")
+        if signal == "served" and not endpoint.prompt_logprobs:  # only the top-k of its own samples exists
+            if "gold" in d.sources:
+                problems.append("distill.sources includes gold, which this server cannot score: use [teacher_pt], "
+                                "or generate.endpoint.prompt_logprobs=true if it returns prompt log-probs (vLLM, "
+                                "dskd serve-teacher)")
+            if d.student_pt_ratio > 0:
+                problems.append("Joint-Teaching (distill.student_pt_ratio > 0) needs the student's samples scored: "
+                                "generate.endpoint.prompt_logprobs=true (vLLM, dskd serve-teacher), or a local "
+                                "teacher")
+            if endpoint.top_logprobs == 0:
+                problems.append("generate.endpoint.top_logprobs=0 gives no teacher log-probs (leave it unset or > 0)")
         if problems:
-            raise ValueError("teacher.signal=cached: " + "; ".join(problems) + ". Use teacher.signal=local for this "
-                             "objective.")
-
-    def _check_black_box(self) -> None:
-        """generate.endpoint set: the teacher is remote, so only what its PTs and top-k log-probs define works."""
-        d, endpoint = self.distill, self.generate.endpoint
-        if self.generate.decoding.strategy == "beam":
-            raise ValueError("generate.endpoint: endpoints sample or decode greedily; set generate.decoding.strategy "
-                             "to sampling or greedy")
-        if self.student.init == "prune":
-            raise ValueError("student.init=prune needs a local teacher to prune; with generate.endpoint use "
-                             "student.init=config or pretrained")
-        if d.loss != "kd":
-            return
-        problems = []
-        if "gold" in d.sources:
-            problems.append("distill.sources includes gold (no teacher log-probs there): use [teacher_pt]")
-        if d.student_pt_ratio > 0:
-            problems.append("Joint-Teaching (distill.student_pt_ratio > 0) needs a local teacher to score samples")
-        if d.teacher_dropout:
-            problems.append("noisy KD (distill.teacher_dropout) needs a local teacher")
-        if d.attention_relation_weight > 0:
-            problems.append("attention-relation KD needs a local teacher's attention projections")
-        if d.divergence != "forward_kl" or d.temperature != 1.0:
-            problems.append("a top-k teacher defines forward_kl at temperature 1.0 only")
-        if endpoint.top_logprobs == 0:
-            problems.append("generate.endpoint.top_logprobs=0 gives no teacher log-probs (leave it unset or > 0)")
-        if problems:
-            raise ValueError("black-box logits KD (generate.endpoint set, distill.loss=kd): " + "; ".join(problems)
-                             + ". Or use distill.loss=ce (sequence-level KD on the endpoint's PTs).")
+            raise ValueError(f"teacher.signal={signal}, distill.loss=kd: " + "; ".join(problems) + ". Use "
+                             "teacher.signal=local for this objective, or distill.loss=ce (sequence-level KD).")
 
 
 # ---------------------------------------------------------------------------------------------- loading

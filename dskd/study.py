@@ -119,11 +119,12 @@ def shared_teacher_cache_dir(recipe: Recipe) -> Path:
 
 
 def _cacheable(data: dict) -> bool:
-    """Whether a cell's objective is one a cached top-k teacher defines (`Recipe._check_cached_teacher`)."""
+    """Whether a cell's teacher is local and its objective one a cached top-k teacher defines
+    (`Recipe._check_top_k_teacher`)."""
     d = data.get("distill", {})
     return (d.get("loss", "kd") == "kd" and not d.get("teacher_dropout") and not d.get("attention_relation_weight")
             and d.get("divergence", "forward_kl") == "forward_kl" and float(d.get("temperature", 1.0)) == 1.0
-            and not (data.get("generate") or {}).get("endpoint"))
+            and (data.get("teacher") or {}).get("signal", "local") == "local")
 
 
 def study_cells(recipe: Recipe) -> list[Cell]:

@@ -29,6 +29,8 @@ import hashlib
 import json
 import os
 import uuid
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -135,18 +137,10 @@ class TeacherCache:
     def sparse_batch(self, keys: list[str], target_mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """`teacher_top_ids` / `teacher_top_probs` [B, T, k] laid out like the batch's targets (the layout of
         `dskd.blackbox.targets`), for pairs that are all cached."""
-        entries = [self.entry(key) for key in keys]
-        k = entries[0][0].shape[1]
-        top_ids = torch.zeros((*target_mask.shape, k), dtype=torch.long)
-        top_probs = torch.zeros((*target_mask.shape, k), dtype=torch.float32)
-        for b, (ids, logprobs) in enumerate(entries):
-            positions = target_mask[b].nonzero().squeeze(1)
-            if len(positions) != len(ids):
-                raise ValueError(f"teacher cache {self.root}: entry {keys[b]} has {len(ids)} positions for a target "
-                                 f"of {len(positions)}; the cache is corrupt, delete it to rebuild")
-            top_ids[b, positions] = torch.from_numpy(ids)
-            top_probs[b, positions] = torch.from_numpy(logprobs).exp()
-        return {"teacher_top_ids": top_ids, "teacher_top_probs": top_probs}
+        try:
+            return sparse_batch([self.entry(key) for key in keys], target_mask)
+        except ValueError as exc:
+            raise ValueError(f"teacher cache {self.root}: {exc}; the cache is corrupt, delete it to rebuild") from None
 
     # -- writing ----------------------------------------------------------------------------------------------
 
@@ -158,6 +152,33 @@ class TeacherCache:
         self.shards.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda handle: pq.write_table(table, handle))
         return path
+
+
+def sparse_batch(entries: list[tuple[np.ndarray, np.ndarray]], target_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-pair (ids [T, k], log-probs [T, k]) -> `teacher_top_ids` / `teacher_top_probs` [B, T, k] laid out like
+    the batch's targets (the layout of `dskd.blackbox.targets`)."""
+    k = entries[0][0].shape[1]
+    top_ids = torch.zeros((*target_mask.shape, k), dtype=torch.long)
+    top_probs = torch.zeros((*target_mask.shape, k), dtype=torch.float32)
+    for b, (ids, logprobs) in enumerate(entries):
+        positions = target_mask[b].nonzero().squeeze(1)
+        if len(positions) != len(ids):
+            raise ValueError(f"row {b} has {len(ids)} teacher positions for a target of {len(positions)}")
+        top_ids[b, positions] = torch.from_numpy(ids)
+        top_probs[b, positions] = torch.from_numpy(logprobs).exp()
+    return {"teacher_top_ids": top_ids, "teacher_top_probs": top_probs}
+
+
+def top_k_arrays(positions: Sequence[dict[int, float]], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per position {token id: log-prob} (a server's answer) -> its k most likely (ids int64 [T, k], log-probs
+    float32 [T, k]), best first; a position with fewer keeps empty slots (-inf)."""
+    ids = np.zeros((len(positions), k), dtype=np.int64)
+    values = np.full((len(positions), k), -np.inf, dtype=np.float32)
+    for t, entry in enumerate(positions):
+        best = sorted(entry.items(), key=lambda item: -item[1])[:k]
+        ids[t, :len(best)] = [token for token, _ in best]
+        values[t, :len(best)] = [value for _, value in best]
+    return ids, values
 
 
 @dataclass(frozen=True)
@@ -241,33 +262,52 @@ def score_sparse(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 
 def fill(cache: TeacherCache, batches: list[tuple[list[str], dict[str, torch.Tensor]]],
          score: Callable[[list[str], dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]],
-         *, flush_every: int = 16, progress=None, stop: Callable[[], bool] | None = None) -> int:
+         *, flush_every: int = 16, progress=None, stop: Callable[[], bool] | None = None,
+         concurrency: int = 1) -> int:
     """Score `batches` (keys, batch) with `score(keys, batch) -> (ids [n, w], log-probs [n, w])` over the batch's
     masked positions in row order, and write one shard every `flush_every` batches; returns entries written.
-    A key listed twice in a batch (the padding of a collective build) is written once."""
-    keys_out, ids_out, lp_out, written, seen = [], [], [], 0, set()
-    for number, (keys, batch) in enumerate(batches, 1):
-        ids, logprobs = score(keys, batch)
-        lengths = batch["target_mask"].sum(1).tolist()
-        offsets = np.cumsum([0, *lengths])
-        for row, key in enumerate(keys):
-            if key in seen or key in cache:
-                continue
-            seen.add(key)
-            keys_out.append(key)
-            ids_out.append(ids[offsets[row]:offsets[row + 1]].numpy())
-            lp_out.append(logprobs[offsets[row]:offsets[row + 1]].numpy())
-        if progress is not None:
-            progress.update(1)
-        if keys_out and (number % flush_every == 0 or number == len(batches)):
-            cache.write_shard(keys_out, ids_out, lp_out)
-            written += len(keys_out)
-            keys_out, ids_out, lp_out = [], [], []
-        if stop is not None and stop():
-            if keys_out:
-                cache.write_shard(keys_out, ids_out, lp_out)
-                written += len(keys_out)
-            break
+    A key listed twice in a batch (the padding of a collective build) is written once. With `concurrency` > 1
+    that many batches are scored at once on threads (a served teacher: requests in flight), written in order."""
+    with ThreadPoolExecutor(max_workers=concurrency) if concurrency > 1 else nullcontext() as pool:
+        scored = (pool.map(lambda item: score(*item), batches) if pool is not None
+                  else (score(*item) for item in batches))
+        try:
+            return _write_scored(cache, batches, scored, flush_every, progress, stop)
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _write_scored(cache: TeacherCache, batches, scored, flush_every: int, progress, stop) -> int:
+    """`fill`'s writer: when scoring fails (a server that stopped answering), what was scored is written first."""
+    pending: tuple[list, list, list] = ([], [], [])
+    written, seen = 0, set()
+
+    def flush() -> None:
+        nonlocal pending, written
+        if pending[0]:
+            cache.write_shard(*pending)
+            written += len(pending[0])
+            pending = ([], [], [])
+
+    try:
+        for number, ((keys, batch), (ids, logprobs)) in enumerate(zip(batches, scored), 1):
+            offsets = np.cumsum([0, *batch["target_mask"].sum(1).tolist()])
+            for row, key in enumerate(keys):
+                if key in seen or key in cache:
+                    continue
+                seen.add(key)
+                for out, values in zip(pending, (key, ids[offsets[row]:offsets[row + 1]].numpy(),
+                                                 logprobs[offsets[row]:offsets[row + 1]].numpy())):
+                    out.append(values)
+            if progress is not None:
+                progress.update(1)
+            if number % flush_every == 0:
+                flush()
+            if stop is not None and stop():
+                break
+    finally:
+        flush()
     return written
 
 

@@ -13,18 +13,23 @@ same object. Implementations:
                     makes the logits chunk by chunk.
   RelationTeacher   a LocalTeacher whose signal also carries the Q/K/V of its last self-attentions: the loss
                     mixes the fused logits KD with attention-relation KD (`dskd.losses.relations`).
-  StoredTopKTeacher a black-box teacher (generate.endpoint): its top-k log-probs were stored with the PTs and
-                    are read per batch (`dskd.blackbox.targets`); the sparse KD loss adds the tail mass.
   CachedTeacher     teacher.signal=cached: a LocalTeacher that scores every pair the phase will train on once
                     (`ready`, before the first step) into a `dskd.teacher_cache` and then reads its top-k from
                     there (sparse KD loss); pairs no cache can hold (Joint-Teaching's student samples) still go
                     through the local forward (dense loss, same divergence).
+  ServedTeacher     teacher.signal=served, a server that scores given tokens (generate.endpoint.prompt_logprobs:
+                    vLLM, dskd serve-teacher): the gold and PT pairs are scored once over HTTP into a teacher
+                    cache (`ready`, concurrent requests, resumable), Joint-Teaching's student samples per
+                    micro-batch; top-k per target token, the sparse KD loss adds the tail mass. No teacher
+                    weights in this process.
+  StoredTopKTeacher teacher.signal=served, a server that scores only its own samples (OpenAI-style APIs): the
+                    top-k log-probs stored with its PTs are read per batch (`dskd.blackbox.targets`).
 
-Before training, each phase's teacher gets `ready(pool, needs)`: a chance to prepare its signal for the pairs
-the phase will draw (a no-op except for the cache).
-
-A new mode (a served teacher scoring over HTTP, a cross-tokenizer teacher) is one new subclass and one line in
-`teacher_for`.
+Each class answers what its mode needs, so no other module asks which mode is on: the tokenizer the targets
+are written in, the training pool, where `dskd generate` takes its PTs (`pt_source`: generate.endpoint when
+set, whatever scores them), whether the teacher's weights load here (`local_model`), and, before training,
+`ready(pool, needs)`: a chance to prepare its signal for the pairs the phase will draw (the caches fill).
+A new mode (a cross-tokenizer teacher) is one new subclass and one line in `teacher_for`.
 """
 
 from __future__ import annotations
@@ -35,17 +40,19 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import datasets
+import numpy as np
 import torch
 
 import torch.distributed as torch_dist
 from tqdm.auto import tqdm
 
 from dskd import preemption
-from dskd.blackbox.generate import tokenizer_fingerprint
+from dskd.blackbox.client import EndpointClient, EndpointError, check_url
+from dskd.blackbox.generate import EndpointPTSource, read_api_key, teacher_identity, tokenizer_fingerprint
 from dskd.blackbox.targets import SparseTrainingPool
 from dskd.config import ConfigError, Recipe, TeacherConfig
 from dskd.data.collate import Encoder, collate_training
-from dskd.data.pt_store import weights_fingerprint
+from dskd.data.pt_store import PTStore, weights_fingerprint
 from dskd.data.task import TaskData
 from dskd.engines import DistInfo, create_teacher_engine
 from dskd.layout import teacher_from_disk, teacher_model_path
@@ -55,6 +62,7 @@ from dskd.losses.sparse import sparse_kd_loss
 from dskd.losses.zero import gathered
 from dskd.models import HiddenStateLM, load_tokenizer
 from dskd.objectives import Pair, TrainingPool
+from dskd.pt_sources import LocalPTSource, PTSource
 from dskd.student import StudentHead
 from dskd.teacher_cache import (
     CacheIdentity,
@@ -66,7 +74,14 @@ from dskd.teacher_cache import (
     pair_key,
     rank_share,
     score_sparse,
+    sparse_batch,
+    top_k_arrays,
 )
+
+
+class TeacherUnavailable(EndpointError):
+    """The teacher's signal for a micro-batch could not be had (its server stopped answering): the step did not
+    run; the trainer checkpoints the last finished step and stops (a rerun with --resume auto continues)."""
 
 
 class Signal:
@@ -172,6 +187,11 @@ class Teacher:
                       sources: list[str]) -> TrainingPool:
         return TrainingPool(encoder, labeled, pts, sources)
 
+    def pt_source(self, recipe: Recipe, store: PTStore) -> PTSource:
+        """Where `dskd generate` takes the PTs: the server at generate.endpoint when one is set (whatever then
+        scores them: the mixed recipe), else the teacher model in this process."""
+        return EndpointPTSource(recipe, store) if recipe.pts_from_server else LocalPTSource(recipe, store)
+
     def ready(self, pool: TrainingPool, needs: TeacherNeeds) -> None:
         """Prepare the signal for the pairs `pool` will give over `needs.epochs` epochs (once, before training)."""
 
@@ -247,15 +267,19 @@ class RelationTeacher(LocalTeacher):
             yield RelationSignal(hidden, weight, bias, relations, self.sites, self.weight, self.heads)
 
 
-class StoredTopKTeacher(Teacher):
-    """A black-box teacher: top-k log-probs stored with its PTs, in the student's tokenizer."""
-
-    name = "stored_top_k"
+class _StudentTokens(Teacher):
+    """A served teacher: the targets are written in the student's tokenizer (the server's must be the same)."""
 
     def tokenizer(self, recipe: Recipe, task: TaskData):
         if task.tokenizer_path is not None:
             return super().tokenizer(recipe, task)
         return load_tokenizer(recipe.student, role="student")  # the PTs were aligned to the student's tokens
+
+
+class StoredTopKTeacher(_StudentTokens):
+    """A server that scores only its own samples: top-k log-probs stored with its PTs, in the student's tokens."""
+
+    name = "stored_top_k"
 
     def training_pool(self, encoder: Encoder, labeled: datasets.Dataset | None, pts: datasets.Dataset | None,
                       sources: list[str]) -> TrainingPool:
@@ -294,38 +318,14 @@ class CachedTeacher(LocalTeacher):
         super().place(model, spec, micro_batch_size, dist, dropout)
 
     def ready(self, pool: TrainingPool, needs: TeacherNeeds) -> None:
-        """Score the pairs of the first `needs.epochs` epochs that the cache lacks (each rank its share), then
-        index everything on disk."""
-        dist, encoder = needs.dist, needs.encoder
-        self.cache.open(CacheIdentity(self.fingerprint, self.runtime, tokenizer_fingerprint(encoder.tokenizer),
-                                      encoder.formatting.arch, self.spec.top_k, self.spec.tail_samples),
-                        writer=dist.is_main)
-        wanted = {pair_key(p.prompt, p.target): p for e in range(needs.epochs) for p in pool.epoch_pairs(e)}
-        missing = sorted((p for key, p in wanted.items() if key not in self.cache),
-                         key=lambda p: len(p.prompt) + len(p.target))
-        if missing:
-            batches = [missing[i:i + needs.batch_size] for i in range(0, len(missing), needs.batch_size)]
-            mine = rank_share(batches, dist.rank, dist.world_size, collective=needs.dist.world_size > 1)
-            if dist.is_main:
-                print(f"[dskd] teacher cache: scoring {len(missing)} of {len(wanted)} pairs (top-{self.spec.top_k} + "
-                      f"{self.spec.tail_samples} tail draws) into "
-                      f"{self.cache.root}; {len(wanted) - len(missing)} already cached", file=sys.stderr)
-            start = getattr(self.module.model.config, "decoder_start_token_id", None)
-            collated = [([pair_key(p.prompt, p.target) for p in chunk],
-                         collate_training([(p.prompt, p.target) for p in chunk], encoder.formatting.arch,
-                                          encoder.tokenizer.pad_token_id, start)) for chunk in mine]
-            with tqdm(total=len(collated), desc="teacher cache", unit="batch", disable=not dist.is_main) as bar:
-                fill(self.cache, collated, lambda keys, batch: self._score(batch, keys, needs), progress=bar,
-                     stop=preemption.agreed if dist.world_size > 1 else preemption.requested)
-        if torch_dist.is_initialized():
-            torch_dist.barrier()
-        self.cache.refresh()
-        if preemption.requested():
-            return  # the first step's stop check saves and exits; the finished shards stay
-        absent = sum(key not in self.cache for key in wanted)
-        if absent:
-            raise RuntimeError(f"teacher cache {self.cache.root}: {absent} of {len(wanted)} pairs still missing "
-                               "after scoring them (a shard failed to write?)")
+        """Score what the cache lacks of the first `needs.epochs` epochs (each rank its share), with this process's
+        teacher forward."""
+        self.cache.open(CacheIdentity(self.fingerprint, self.runtime, tokenizer_fingerprint(needs.encoder.tokenizer),
+                                      needs.encoder.formatting.arch, self.spec.top_k, self.spec.tail_samples),
+                        writer=needs.dist.is_main)
+        build_cache(self.cache, pool, needs, lambda keys, pairs, batch: self._score(batch, keys, needs),
+                    f"top-{self.spec.top_k} + {self.spec.tail_samples} tail draws", collective=True,
+                    decoder_start=getattr(self.module.model.config, "decoder_start_token_id", None))
 
     def _score(self, batch: dict[str, torch.Tensor], keys: list[str],
                needs: TeacherNeeds) -> tuple[torch.Tensor, torch.Tensor]:
@@ -355,11 +355,124 @@ class CachedTeacher(LocalTeacher):
         return {"train/teacher_tail_mass": float(tail_mass / tokens)}
 
 
+class ServedTeacher(_StudentTokens):
+    """teacher.signal=served with a server that scores given tokens (see the module docstring)."""
+
+    name = "served"
+
+    def __init__(self, recipe: Recipe) -> None:
+        self.cfg = recipe.generate.endpoint
+        self.top_k = self.cfg.score_top_k
+        self.cache = TeacherCache(default_cache_dir(recipe.run.output_dir, recipe.teacher.cache_dir))
+        self.client: EndpointClient | None = None
+
+    def ready(self, pool: TrainingPool, needs: TeacherNeeds) -> None:
+        """Check the server (it answers, scores prompts, shares the student's vocabulary), then score the gold
+        and PT pairs of the first `needs.epochs` epochs that the cache lacks (each rank its share)."""
+        if needs.encoder.formatting.arch != "causal":
+            raise ConfigError("teacher.signal=served scores the student's own token sequences, which needs a "
+                              "decoder-only student; for an encoder-decoder student use "
+                              "generate.endpoint.prompt_logprobs=false (the server's samples' top-k) or a local "
+                              "teacher")
+        check_url(self.cfg.url, self.cfg.api_key_env)
+        self.client = EndpointClient(self.cfg, read_api_key(self.cfg))
+        identity = teacher_identity(self.client)
+        listed = next((m for m in self.client.list_models() or [] if m.get("id") == self.client.model), {})
+        self._check_vocabulary(pool, needs)
+        tokenizer = tokenizer_fingerprint(needs.encoder.tokenizer)
+        self.cache.open(CacheIdentity(identity["fingerprint"], {"served": "prompt_logprobs", "root": listed.get("root")},
+                                      tokenizer, "causal", self.top_k, 0), writer=needs.dist.is_main)
+        build_cache(self.cache, pool, needs, lambda keys, pairs, batch: self._score_flat(pairs),
+                    f"top-{self.top_k} from {self.client.public_base}", collective=False,
+                    concurrency=self.cfg.concurrency)
+
+    def _check_vocabulary(self, pool: TrainingPool, needs: TeacherNeeds) -> None:
+        """One scoring request on a real pair: a server whose vocabulary is not the student's fails here, named."""
+        probe = next(iter(pool.epoch_pairs(0)), None)
+        if probe is None:
+            return
+        ids = [*probe.prompt, *probe.target]
+        scored = self.client.score([ids], self.top_k)[0]
+        biggest = max(max(entry) for entry in scored if entry)
+        if biggest >= needs.vocab_size:
+            raise ConfigError(f"the teacher at {self.client.public_base} ({self.client.model}) returned token id "
+                              f"{biggest}, beyond the student's vocabulary of {needs.vocab_size}: serve a teacher "
+                              "with the student's tokenizer")
+        expected = torch.tensor([entry.get(token, float("-inf")) for entry, token in zip(scored[1:], ids[1:])])
+        if not torch.isfinite(expected).all():
+            raise ConfigError(f"the teacher at {self.client.public_base} ({self.client.model}) did not score the "
+                              "tokens it was sent: its tokenizer or vocabulary differs from the student's")
+
+    def _score(self, pairs: list[Pair]) -> list[tuple]:
+        """Per pair, (ids [T, k], log-probs [T, k]) of the server's top-k at the target's positions."""
+        sequences = [[*p.prompt, *p.target] for p in pairs]
+        scored = self.client.score(sequences, self.top_k)
+        return [top_k_arrays(positions[len(p.prompt):], self.top_k) for p, positions in zip(pairs, scored)]
+
+    def _score_flat(self, pairs: list[Pair]) -> tuple[torch.Tensor, torch.Tensor]:
+        entries = self._score(pairs)
+        return (torch.from_numpy(np.concatenate([ids for ids, _ in entries])),
+                torch.from_numpy(np.concatenate([values for _, values in entries])))
+
+    def prepare(self, pool: TrainingPool, pairs: list[Pair], batch: dict[str, torch.Tensor]) -> float:
+        keys = [pair_key(p.prompt, p.target) for p in pairs]
+        if all(key in self.cache for key in keys):
+            batch.update(self.cache.sparse_batch(keys, batch["target_mask"]))
+        else:  # Joint-Teaching's student samples: scored now
+            try:
+                batch.update(sparse_batch(self._score(pairs), batch["target_mask"]))
+            except EndpointError as exc:
+                raise TeacherUnavailable(f"the served teacher could not score a micro-batch: {exc}") from None
+        return float((1.0 - batch["teacher_top_probs"].sum(-1))[batch["target_mask"]].clamp_min(0).sum())
+
+    @contextmanager
+    def signal(self, batch: dict[str, torch.Tensor]) -> Iterator[Signal]:
+        yield SparseSignal(batch["teacher_top_ids"], batch["teacher_top_probs"])
+
+    def step_metrics(self, tail_mass: torch.Tensor, tokens: torch.Tensor) -> dict[str, float]:
+        return {"train/teacher_tail_mass": float(tail_mass / tokens)}
+
+
+def build_cache(cache: TeacherCache, pool: TrainingPool, needs: TeacherNeeds, score, what: str, *,
+                collective: bool, concurrency: int = 1, decoder_start: int | None = None) -> None:
+    """Score the pairs of the first `needs.epochs` epochs of `pool` that `cache` lacks, each rank its share
+    (`score(keys, pairs, batch) -> (ids, log-probs)` over the batch's target positions; `collective`: every rank
+    runs as many batches, a ZeRO-3 forward), then index everything on disk; a killed build keeps its shards."""
+    dist, encoder = needs.dist, needs.encoder
+    wanted = {pair_key(p.prompt, p.target): p for e in range(needs.epochs) for p in pool.epoch_pairs(e)}
+    missing = sorted((p for key, p in wanted.items() if key not in cache), key=lambda p: len(p.prompt) + len(p.target))
+    if missing:
+        batches = [missing[i:i + needs.batch_size] for i in range(0, len(missing), needs.batch_size)]
+        mine = rank_share(batches, dist.rank, dist.world_size, collective=collective and dist.world_size > 1)
+        if dist.is_main:
+            print(f"[dskd] teacher cache: scoring {len(missing)} of {len(wanted)} pairs ({what}) into {cache.root}; "
+                  f"{len(wanted) - len(missing)} already cached", file=sys.stderr)
+        by_key = {}
+        collated = []
+        for chunk in mine:
+            keys = [pair_key(p.prompt, p.target) for p in chunk]
+            by_key.update(zip(keys, chunk))
+            collated.append((keys, collate_training([(p.prompt, p.target) for p in chunk], encoder.formatting.arch,
+                                                    encoder.tokenizer.pad_token_id, decoder_start)))
+        with tqdm(total=len(collated), desc="teacher cache", unit="batch", disable=not dist.is_main) as bar:
+            fill(cache, collated, lambda keys, batch: score(keys, [by_key[k] for k in keys], batch), progress=bar,
+                 stop=preemption.agreed if dist.world_size > 1 else preemption.requested, concurrency=concurrency)
+    if torch_dist.is_initialized():
+        torch_dist.barrier()
+    cache.refresh()
+    if preemption.requested():
+        return  # the first step's stop check saves and exits; the finished shards stay
+    absent = sum(key not in cache for key in wanted)
+    if absent:
+        raise RuntimeError(f"teacher cache {cache.root}: {absent} of {len(wanted)} pairs still missing after "
+                           "scoring them (a shard failed to write?)")
+
+
 def teacher_for(recipe: Recipe) -> Teacher:
-    """Where this recipe's teacher signal comes from: an endpoint's stored top-k, the teacher cache, or a model
-    in this process (with its attention relations when the recipe mixes them in)."""
-    if recipe.generate.endpoint is not None:
-        return StoredTopKTeacher()
+    """Where this recipe's teacher signal comes from: a server (scoring any target, or only its own samples),
+    the teacher cache, or a model in this process (with its attention relations when the recipe mixes them in)."""
+    if recipe.teacher.signal == "served":
+        return ServedTeacher(recipe) if recipe.generate.endpoint.prompt_logprobs else StoredTopKTeacher()
     if recipe.teacher.signal == "cached":
         return CachedTeacher(recipe)
     d = recipe.distill

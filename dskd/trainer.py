@@ -66,7 +66,7 @@ from dskd.engines import DistInfo
 from dskd.joint_teaching import JointTeaching
 from dskd.losses import KDLossConfig, KDLossOutput
 from dskd.objectives import Pair, TrainingPool
-from dskd.teachers import Teacher
+from dskd.teachers import Teacher, TeacherUnavailable
 from dskd.tracking import Tracker
 
 # Gradient norms (pre-clip, global) above this mean blown-up weights, not a hard batch. The loss is normalized
@@ -211,9 +211,19 @@ class Trainer:
         """One optimizer step over `micro_batches` ((micro index, pairs) each); returns rank-summed stats."""
         started = time.perf_counter()
         stats = TrainStats(micro_batches=len(micro_batches))
-        batches = [self._collate(phase, index, pairs, stats) for index, pairs in micro_batches]
+        # Joint-Teaching samples while collating: the RNG of a step that cannot run is rewound
+        rng = checkpoint.rng_state() if phase.joint_teaching is not None else None
+        try:
+            batches, lost = [self._collate(phase, index, pairs, stats) for index, pairs in micro_batches], None
+        except TeacherUnavailable as exc:
+            batches, lost = [], exc
+            if rng is not None:
+                checkpoint.set_rng_state(rng)
         local_tokens = sum(int(b["target_mask"].sum()) for b in batches)
-        stats.tokens = all_reduce(torch.tensor([float(local_tokens)]))
+        reduced = all_reduce(torch.tensor([float(local_tokens), float(lost is not None)]))
+        if reduced[1] > 0:  # every rank agrees: the step does not run, the last finished one is saved
+            self._signal_lost(lost)
+        stats.tokens = reduced[:1]
         normalizer = (stats.tokens / self.ctx.dist.world_size).squeeze(0).to(self.engine.device)
         own_norm = None
         for micro, batch in enumerate(batches):
@@ -236,6 +246,16 @@ class Trainer:
         stats.reduce()
         stats.seconds = time.perf_counter() - started
         return stats
+
+    def _signal_lost(self, lost: TeacherUnavailable | None) -> None:
+        """A teacher (a server) could not give a micro-batch its signal, on this rank or another, before this step
+        touched the weights: save the state after the last finished step (its RNG state included, so a resumed
+        run redoes this step exactly as it would have run) and stop."""
+        tag = self.save()
+        cause = str(lost) if lost is not None else "another rank's teacher stopped answering"
+        raise TeacherUnavailable(f"{self.ctx.label}: {cause}; the state after step {self.state.step} is saved in "
+                                 f"{self.ctx.checkpoints / tag}: once the teacher answers again, rerun with "
+                                 "--resume auto")
 
     def _collate(self, phase: Phase, index: int, pairs: list[Pair], stats: TrainStats) -> dict[str, torch.Tensor]:
         """A micro-batch's targets (student samples on Joint-Teaching micro-batches), collated on the CPU,

@@ -168,3 +168,29 @@ if __name__ == "__main__":
     print("longest functions:")
     for lines, where in longest_functions():
         print(f"{lines:4d}  {where}")
+
+
+# Where the teacher's signal comes from is read in one place per concern: the recipe schema (its keys and the
+# two properties the CLI's light preflight asks), `teacher_for` and the Teacher classes, and the endpoint's own
+# modules. Anywhere else, a mode check is a new flag checked in a sixth place.
+MODE_READERS = {"dskd.config", "dskd.teachers", "dskd.study", "dskd.stages.demo"}
+
+
+def _mode_reads(tree: ast.AST) -> list[int]:
+    """Lines that read `.endpoint` (generate.endpoint) or `.signal` (teacher.signal) as a value: not a call
+    (`Teacher.signal(batch)`, `signal.signal(...)` of the signal module)."""
+    called = {id(node.func) for node in ast.walk(tree) if isinstance(node, ast.Call)}
+    return [node.lineno for node in ast.walk(tree)
+            if isinstance(node, ast.Attribute) and node.attr in ("endpoint", "signal") and id(node) not in called]
+
+
+def test_the_teacher_mode_is_read_only_behind_the_seam():
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        name = _module_name(path)
+        if name in MODE_READERS or name.startswith(("dskd.blackbox", "dskd.serve")):
+            continue
+        lines = _mode_reads(ast.parse(path.read_text()))
+        offenders += [f"{name}:{line}" for line in lines]
+    assert not offenders, ("these read generate.endpoint / teacher.signal outside the teacher seam; ask the Teacher "
+                           f"(dskd.teachers) or Recipe.teacher_in_process / pts_from_server instead: {offenders}")

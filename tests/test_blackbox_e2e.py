@@ -36,6 +36,7 @@ def black_box_recipe(task_dir, out_dir) -> dict:
                  "dev": str(task_dir / "dev.jsonl"), "max_input_tokens": 32, "max_target_tokens": 12},
         "student": {"init": "config", "model_type": "t5", "config": student, "tokenizer": tok,
                     "attn_implementation": "eager"},
+        "teacher": {"signal": "served"},
         "generate": {"decoding": {"strategy": "sampling", "num_return_sequences": 2, "top_p": 0.95,
                                   "max_new_tokens": 10},
                      "endpoint": {"api_key_env": "DSKD_E2E_KEY", "concurrency": 8, "flush_every": 4,

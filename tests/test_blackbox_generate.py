@@ -42,6 +42,7 @@ def recipe_for(task_dir, out_dir, url, tracking=False, **endpoint):
         "data": {"labeled": str(task_dir / "labeled.jsonl"), "unlabeled": str(task_dir / "unlabeled.jsonl"),
                  "dev": str(task_dir / "dev.jsonl"), "max_input_tokens": 32, "max_target_tokens": 12},
         "student": {"init": "config", "model_type": "t5", "config": student, "tokenizer": tok},
+        "teacher": {"signal": "served"},
         "generate": {"decoding": {"strategy": "sampling", "num_return_sequences": 2, "max_new_tokens": 10},
                      "endpoint": {"url": url, "api_key_env": "DSKD_TEST_KEY", "concurrency": 4, "flush_every": 4,
                                   "max_retries": 1, "backoff_s": 0.0, "top_logprobs": 2,

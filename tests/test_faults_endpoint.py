@@ -35,6 +35,7 @@ def generate_recipe(task_dir, out_dir, *, tracking: bool) -> dict:
         "data": {"labeled": str(task_dir / "labeled.jsonl"), "unlabeled": str(task_dir / "unlabeled.jsonl"),
                  "dev": str(task_dir / "dev.jsonl"), "max_input_tokens": 32, "max_target_tokens": 12},
         "student": {"init": "config", "model_type": "t5", "config": student, "tokenizer": str(task_dir / "tokenizer")},
+        "teacher": {"signal": "served"},
         "generate": {"decoding": {"strategy": "sampling", "num_return_sequences": 2, "max_new_tokens": 8},
                      "endpoint": {"api_key_env": KEY_ENV, "max_retries": 1, "backoff_s": 0.0, "concurrency": 2}},
         "distill": {"sources": ["teacher_pt"]},

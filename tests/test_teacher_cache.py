@@ -93,7 +93,7 @@ def test_cached_needs_what_a_top_k_teacher_can_define(tiny_task, tmp_path):
     for bad, named in (("distill.temperature=2.0", "forward_kl at temperature 1.0"),
                        ("distill.teacher_dropout=true", "noisy KD"),
                        ("distill.attention_relation_weight=0.5", "attention-relation KD")):
-        with pytest.raises(ConfigError, match=f"teacher.signal=cached: .*{named}"):
+        with pytest.raises(ConfigError, match=f"teacher.signal=cached, distill.loss=kd: .*{named}"):
             load_recipe(base=base, overrides=["teacher.signal=cached", bad])
 
 

@@ -55,6 +55,10 @@ class InputFailed(EndpointError):
     """The endpoint never answered usably for this input (malformed responses, or a 4xx for this request)."""
 
 
+class NoPromptLogprobs(EndpointError):
+    """The server answered a scoring request without prompt log-probs: it cannot score given tokens."""
+
+
 class BadResponse(ValueError):
     """A 200 response that is not what the protocol promises."""
 
@@ -246,6 +250,14 @@ class EndpointClient:
         return self._call("POST", path, payload,
                           lambda data: parse_completion(data, sampling.n, chat, top_logprobs > 0))
 
+    def score(self, prompts: list[list[int]], top: int) -> list[list[dict[int, float] | None]]:
+        """The server's log-probs at every position of each token-id prompt (vLLM's `prompt_logprobs`): per
+        prompt, one entry per token, None for the first, else {token id: log-prob} of its `top` most likely
+        next tokens given the tokens before (plus the actual token). One request for the whole batch."""
+        payload = {"model": self.model, "prompt": prompts, "max_tokens": 1, "temperature": 0.0,
+                   "prompt_logprobs": top, "return_tokens_as_token_ids": True}
+        return self._call("POST", "/completions", payload, lambda data: parse_prompt_logprobs(data, prompts))
+
     # -- the retry loop
 
     def _call(self, method: str, path: str, payload: dict | None, parse: Callable[[Any], Any], *,
@@ -365,6 +377,43 @@ def parse_completion(data: Any, n: int, chat: bool, want_logprobs: bool) -> Comp
     samples = [_chat_sample(c, want_logprobs) if chat else _completion_sample(c, want_logprobs) for c in choices]
     usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
     return Completion(samples, _count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens")))
+
+
+def parse_prompt_logprobs(data: Any, prompts: list[list[int]]) -> list[list[dict[int, float] | None]]:
+    """A scoring response (`EndpointClient.score`) -> per prompt, per position, {token id: log-prob}."""
+    if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
+        raise BadResponse("no 'choices' list")
+    choices = [c for c in data["choices"] if isinstance(c, dict)]
+    if len(choices) != len(prompts):
+        raise BadResponse(f"{len(choices)} choices for {len(prompts)} prompts")
+    choices = sorted(choices, key=lambda c: c.get("index", 0) if isinstance(c.get("index"), int) else 0)
+    out = []
+    for choice, prompt in zip(choices, prompts):
+        positions = choice.get("prompt_logprobs")
+        if positions is None:
+            raise NoPromptLogprobs("the server returned no prompt_logprobs, so it cannot score given tokens (vLLM "
+                                   "and dskd serve-teacher can); set generate.endpoint.prompt_logprobs=false to "
+                                   "train on its samples' top-k only, or serve the teacher with one of those")
+        if not isinstance(positions, list) or len(positions) != len(prompt):
+            raise BadResponse(f"prompt_logprobs has {len(positions) if isinstance(positions, list) else '?'} "
+                              f"entries for a prompt of {len(prompt)} tokens")
+        out.append([None if entry is None else _position_logprobs(entry) for entry in positions])
+    return out
+
+
+def _position_logprobs(entry: Any) -> dict[int, float]:
+    """{"123" or "token_id:123": {"logprob": x, ...}} -> {123: x}."""
+    if not isinstance(entry, dict) or not entry:
+        raise BadResponse("a prompt_logprobs entry is not a non-empty object")
+    out = {}
+    for key, value in entry.items():
+        try:
+            token = int(str(key).rsplit(":", 1)[-1])
+        except ValueError:
+            raise BadResponse(f"prompt_logprobs key {key!r} is not a token id") from None
+        logprob = value.get("logprob") if isinstance(value, dict) else value
+        out[token] = _number(logprob, "prompt log-prob")
+    return out
 
 
 def _count(value: Any) -> int:

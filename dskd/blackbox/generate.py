@@ -61,11 +61,13 @@ class EndpointGenerationStopped(RuntimeError):
 
 
 def top_logprobs_wanted(recipe: Recipe) -> int:
-    """Top-k log-probs to ask for: the recipe's value, else 5 when the student trains with logits KD."""
-    chosen = recipe.generate.endpoint.top_logprobs
-    if chosen is not None:
-        return chosen
-    return 5 if recipe.distill.loss == "kd" else 0
+    """Top-k log-probs to ask for: the recipe's value, else 5 when the student trains with logits KD on them (a
+    served teacher that scores only its own samples; one that scores any target, or a local teacher, needs none)."""
+    endpoint = recipe.generate.endpoint
+    if endpoint.top_logprobs is not None:
+        return endpoint.top_logprobs
+    on_samples = recipe.teacher.signal == "served" and not endpoint.prompt_logprobs
+    return 5 if recipe.distill.loss == "kd" and on_samples else 0
 
 
 def sampling_params(recipe: Recipe) -> SamplingParams:
@@ -211,7 +213,7 @@ class EndpointGeneration:
             raise EndpointGenerationStopped(str(stop))
 
 
-def _teacher_identity(client: EndpointClient) -> dict:
+def teacher_identity(client: EndpointClient) -> dict:
     """Which teacher answers: the model id (asked from the endpoint when not configured) and a fingerprint
     (the weights' fingerprint when the endpoint is dskd serve-teacher, else the model id)."""
     models = client.list_models()
@@ -264,7 +266,7 @@ class EndpointPTSource:
         self.inputs = len(self.rows)
         self.client = EndpointClient(self.cfg, self.api_key)
         try:
-            self.teacher = _teacher_identity(self.client)  # the first request: down, wrong URL or key show here
+            self.teacher = teacher_identity(self.client)  # the first request: down, wrong URL or key show here
         except EndpointError as exc:
             raise EndpointGenerationStopped(f"generate could not start: {exc}") from None
         self.meta = _store_meta(self.recipe, self.teacher, tokenizer, task.fingerprint)

@@ -1,7 +1,7 @@
 """`dskd generate`: K teacher pseudo-targets per labeled/unlabeled input into the PT store, resumably.
 
-One skeleton, two PT sources (`dskd.pt_sources`): a teacher model in this process (`LocalPTSource`, sharded
-over the ranks) or an OpenAI-compatible endpoint (`EndpointPTSource`, when generate.endpoint is set). The
+One skeleton, two PT sources (`dskd.pt_sources`), the teacher's choice (`Teacher.pt_source`): a teacher model in
+this process (`LocalPTSource`, sharded over the ranks) or an OpenAI-compatible server (`EndpointPTSource`). The
 stage checks the data paths before anything heavy, loads the task and the tokenizer, opens the MLflow run
 "generate" with the source's tags and params, lets the source fill the store under the preemption handler,
 and logs the counts, the source's metrics and the store's meta.json.
@@ -13,27 +13,20 @@ import time
 from pathlib import Path
 
 from dskd import preemption
-from dskd.blackbox.generate import EndpointPTSource
 from dskd.config import Recipe
 from dskd.data.pt_store import PTStore
 from dskd.data.task import check_data_paths, load_task
 from dskd.layout import pt_store_dir
 from dskd.locking import stage_lock
-from dskd.pt_sources import LocalPTSource, PTSource
 from dskd.teachers import teacher_for
 from dskd.tracking import Tracker
-
-
-def pt_source(recipe: Recipe, store: PTStore) -> PTSource:
-    if recipe.generate.endpoint is not None:  # black-box teacher: PTs over HTTP
-        return EndpointPTSource(recipe, store)
-    return LocalPTSource(recipe, store)
 
 
 def run_generate(recipe: Recipe, *, parent_run_id: str | None = None, tracker: Tracker | None = None) -> Path:
     """Fill the PT store (resuming where a previous run stopped); returns its directory."""
     store = PTStore(pt_store_dir(recipe))
-    source = pt_source(recipe, store)
+    teacher = teacher_for(recipe)
+    source = teacher.pt_source(recipe, store)
     if not source.active:
         return store.root
     source.check()
@@ -41,7 +34,7 @@ def run_generate(recipe: Recipe, *, parent_run_id: str | None = None, tracker: T
     with stage_lock(store.root, "generate"):  # one generator per store; refused before anything loads
         is_main = source.start()
         task = load_task(recipe, is_main, needed=tuple(recipe.generate.splits))
-        source.prepare(task, teacher_for(recipe).tokenizer(recipe, task))
+        source.prepare(task, teacher.tokenizer(recipe, task))
         tracker = tracker or Tracker(recipe.tracking, recipe.run.output_dir, active=is_main)
         tags = {"dskd.stage": "generate", **source.tags(), "dskd.data_fingerprint": task.fingerprint,
                 "dskd.pt_dataset": str(store.root)}

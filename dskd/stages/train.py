@@ -50,7 +50,7 @@ from dskd.models import (
 )
 from dskd.objectives import loss_config
 from dskd.student import StudentWithLoss
-from dskd.teachers import LocalTeacher, NoTeacher, Teacher, TeacherNeeds, teacher_for
+from dskd.teachers import NoTeacher, Teacher, TeacherNeeds, teacher_for
 from dskd.tracking import Tracker
 from dskd.trainer import Phase, TrainContext, Trainer, TrainState
 
@@ -227,7 +227,7 @@ class TrainingStage:
         self.engine = create_student_engine(StudentWithLoss(self.student_hf, self.vocab), train, sum(steps), dist,
                                             self.dtype)
         if self.teacher_hf is not None:
-            local = next(s.teacher for s in self.specs if isinstance(s.teacher, LocalTeacher))
+            local = next(s.teacher for s in self.specs if s.teacher.local_model)
             local.place(self.teacher_hf, recipe.teacher, mbs, dist, dropout=recipe.distill.teacher_dropout)
         for spec, pool, n in zip(self.specs, pools, steps):  # e.g. the teacher cache scores what it lacks
             micro_batches = pool.micro_batches_per_epoch(mbs, dist.world_size)
