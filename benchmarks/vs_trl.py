@@ -1,7 +1,8 @@
 """dskd vs TRL: logits KD of one decoder-only pair on this CPU, both sides configured for the same objective.
 
     python benchmarks/vs_trl.py                   # 50 optimizer steps per run, 2 rounds (dskd/TRL order swapped)
-    python benchmarks/vs_trl.py --quick           # 20 steps, 1 round: ~5 minutes once the teacher is cached
+    python benchmarks/vs_trl.py --quick           # 20 steps, 1 round: ~7 minutes once the teacher is cached
+    python benchmarks/vs_trl.py --quick --configs onpolicy_all   # one configuration only (~2 minutes)
     python benchmarks/vs_trl.py --rounds 3 --threads 0    # 3 rounds, torch's default threads (one per core)
     python benchmarks/vs_trl.py --micro-batch 4 --steps 100   # the earlier, smaller micro-batch
 
@@ -36,13 +37,46 @@ The runs (each in its own process, sides alternating, the order swapped every ro
   tracking off (TRL logs to nothing either: report_to none), dev evaluation off. TRL 1.16:
   `trl.experimental.gkd.GKDTrainer` with lmbda 0, beta 0 (TRL's generalized JSD at beta 0 is
   `F.kl_div(student_logp, teacher_logp, log_target=True)` = KL(teacher || student), forward KL), temperature 1,
-  seq_kd False. TRL 1.x's stable `DistillationTrainer` is not used: it trains only on completions the student
-  generates itself (no gold/offline targets, no lmbda), so it cannot express either configuration here.
+  seq_kd False. (TRL 1.x's stable `DistillationTrainer` trains only on completions the student generates itself,
+  with no gold targets and no lmbda, so it cannot express this configuration or the next; it is the third.)
 - on-policy mixing: dskd Joint-Teaching, student_pt_ratio 0.5 (every second micro-batch trains on the student's
   own samples: temperature 1, top_p 1, top_k 0, at most 24 target tokens) vs GKD lmbda 0.5 (each micro-batch is
   on-policy with probability 0.5, HF generate with temperature 1, top_p 1, top_k 0, max_new_tokens 24; the pad
   token is suppressed as dskd suppresses it), beta 0. The number of on-policy micro-batches is printed: dskd's is
   exactly half, TRL's is random.
+- onpolicy_all (fully on-policy): dskd Joint-Teaching at student_pt_ratio 1.0 (every micro-batch trains on the
+  student's own samples, scored by the teacher with forward KL; sampling as above) vs TRL 1.16's stable
+  `trl.DistillationTrainer` (every micro-batch on the student's completions, chunked generalized JSD) with beta 0
+  (its `ChunkedDivergenceFunction` at beta 0 is forward KL(teacher || student); beta 1 would be reverse KL, in
+  between the JSD with mixture (1 - beta) p_student + beta p_teacher), temperature 1 (sampling and loss; no T^2
+  factor on either side), top_p 1, top_k 0, min_p None, repetition_penalty 1, max_completion_length 24,
+  generation_kwargs suppress_tokens [pad], disable_dropout, the teacher passed as the local fp32 model object
+  (`teacher_model=`; the trainer prepares it with accelerate in evaluation mode). DistillationConfig's own defaults
+  that differ from TrainingArguments' are overridden to match dskd: gradient_checkpointing False, bf16 False,
+  learning_rate. Its vLLM paths are not used (use_vllm False) and cannot run on a CPU: in server mode (`trl
+  vllm-serve`) the trainer pushes the student's weights over vLLM's NCCL engine, which raises for a non-CUDA
+  trainer device (`VLLMClient.init_communicator`); colocate mode runs vLLM in the training process on its GPUs;
+  the served-teacher variant (`trl.experimental.server_distillation.ServerDistillationTrainer`) needs a vLLM
+  server as well (and vLLM is not a dependency of the `bench` extra). So TRL samples with HF `generate` and dskd
+  with its own sampler (`dskd.sampling`), each in-process. Remaining differences, all TRL's design:
+  - TRL takes text prompts and tokenizes them itself; the benchmark's subclass overrides `_tokenize_prompts` to
+    hand it the prompt ids dskd's Encoder made, so both sample from identical prompts;
+  - TRL samples once per optimizer step for the whole generation batch (micro-batch x accumulation = 32 prompts,
+    one `generate` call, all rows stepped until the last ends) and splits the result into the two micro-batches
+    after a shuffle; dskd samples each 16-row micro-batch separately (finished rows leave the batch), both
+    micro-batches before the step's first forward, so on both sides every sample of a step comes from the
+    weights the step starts from;
+  - lengths: TRL generates up to 24 tokens and trains on every generated token up to and including the first EOS
+    (a completion cut at 24 has no EOS); dskd samples up to 23 tokens and appends EOS when none came, so its
+    targets are also <= 24 tokens but a cut one ends in a forced EOS that is trained on;
+  - layout: TRL left-pads each prompt and right-pads each completion to the longest of the 32-row generation batch
+    and, on a CPU (its compact path needs Triton on CUDA/XPU), projects every position, padding included,
+    through both LM heads in 4096 x 32768 tiles, recomputing the projections in backward; dskd right-pads prompt
+    + target per 16-row micro-batch and projects only valid target positions (`dskd.losses.fused`);
+  - normalization: both divide the step's summed per-token divergence by the step's count of trained tokens
+    (TRL: num_items_in_batch over the generated completions, computed in `_generate_and_score_completions`, which
+    replaces transformers' count from labels);
+  - data order: TRL's RepeatSampler (seed 42) and an in-batch shuffle vs dskd's sampler (seed 42).
 
 What is measured:
 - tokens/s: target tokens trained (valid target positions, gold or sampled, over all micro-batches) divided by the
@@ -50,7 +84,7 @@ What is measured:
   teacher, loss, optimizer, data loading between steps, the side's own logging all included; process start-up,
   model loading and the final export excluded). dskd: timestamps around `Trainer.train_step` (the child runs the
   CLI's `python -m dskd` entry point via runpy after wrapping that method with a timer); TRL: a TrainerCallback's
-  on_step_begin / on_step_end, tokens counted in compute_loss;
+  on_step_begin / on_step_end, tokens counted in compute_loss (DistillationTrainer: its completion_mask);
 - start-up: wall time from launching the child process to the start of its first optimizer step;
 - peak RSS: ru_maxrss of the child from os.wait4 (its own peak, the whole process life, export included); also
   printed: VmHWM at the end of the last step and the RSS when the first step starts, so the training-time growth
@@ -65,6 +99,21 @@ are mostly their fixed footprint and the RSS ratio says little about training: i
 Llama + DeepSpeed (which every dskd process imports: the product runs each model as a DeepSpeed engine) hold 509 MiB,
 the fp32 weights 142 MiB, AdamW's state and the gradients 73 MiB: 724 MiB before any activation, 0.59x of TRL's
 1224 MiB peak there (measured on our EPYC host; TRL's process imports no DeepSpeed: 470 MiB).
+
+onpolicy_all, where a step goes (2-core "Intel Xeon" host shared with other jobs, load 1.7-2.6; per-phase timers
+around one run of each side, 14 steps, after 2): the teacher's hidden-state forward is the same work on both sides
+(16 rows x ~88 tokens through 8 layers of 384 per micro-batch) and 42% of dskd's step (0.64 s; TRL 0.58 s); then
+dskd / TRL: sampling 0.32 / 0.57 s, loss forward 0.27 / 0.43 s, backward 0.15 / 0.62 s (TRL re-projects both
+heads, padding included), student forward 0.08 / 0.08 s, optimizer 0.03 / 0.01 s. The teacher's fixed share caps
+the speed-up near 2x: with dskd's sampling free, the step would still be ~1.2 s to TRL's ~2.3 s. Sampling the
+step's 32 rows in one call instead of two of 16 saved 0-0.04 s a step (measured on dskd's sampler alone). Peak RSS:
+both start training at ~600 / ~635 MiB (imports and weights) and both pay ~100 MiB on the teacher's first forward
+(torch/transformers first-call allocations: 140 MiB in a bare transformers process) and ~40 MiB on the student's;
+dskd's loss adds 112 MiB (two [384, 21661] fp32 chunk buffers, distill.chunk_size 1024; chunk_size 128: 70 MiB,
+peak -45 MiB, same speed), TRL's 269 MiB plus 101 MiB in its backward. With a fixed mmap threshold
+(MALLOC_MMAP_THRESHOLD_=131072, so freed buffers go back to the system) the peaks were 969 / 1284 MiB (0.75x): the
+ratio is not allocator retention but the ~850-900 MiB each side holds before any loss buffer (imports, weights,
+first-forward allocations, AdamW state and gradients, sampling): 0.6x of TRL's ~1500 MiB would leave dskd ~50 MiB.
 """
 
 from __future__ import annotations
@@ -97,7 +146,9 @@ TEACHER = {"hidden_size": 384, "intermediate_size": 1024, "num_hidden_layers": 8
 STUDENT = {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4, "num_attention_heads": 4,
            "num_key_value_heads": 4}
 TEACHER_LR, TEACHER_BATCH = 3e-3, 16
-MODES = {"offline": 0.0, "onpolicy": 0.5}  # dskd student_pt_ratio = TRL lmbda
+# dskd student_pt_ratio per configuration; TRL: GKD's lmbda for offline / onpolicy, DistillationTrainer for onpolicy_all
+MODES = {"offline": 0.0, "onpolicy": 0.5, "onpolicy_all": 1.0}
+DISTILLATION = "onpolicy_all"  # the configuration TRL runs with its stable DistillationTrainer
 
 
 # ---------------------------------------------------------------------------------------------- shared setup
@@ -338,11 +389,41 @@ def dskd_child(recipe: str, report: str) -> None:
     runpy.run_module("dskd", run_name="__main__", alter_sys=True)
 
 
+def _trl_timer():
+    """The TRL children's record, this optimizer step's running sums and the callback that times the steps."""
+    from transformers import TrainerCallback
+
+    record = {"steps": [], "sampling": {"seconds": 0.0, "calls": 0}, "first_step_rss_kib": 0}
+    current = {"tokens": 0, "student_batches": 0, "loss": 0.0}  # this optimizer step's sums over micro-batches
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if not record["steps"]:
+                record["first_step_rss_kib"] = _status_kib("VmRSS")
+            current.update(begin=time.time(), tokens=0, student_batches=0, loss=0.0)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            record["steps"].append({"begin": current["begin"], "end": time.time(), "tokens": current["tokens"],
+                                    "student_batches": current["student_batches"], "loss": current["loss"],
+                                    "hwm_kib": _status_kib("VmHWM")})
+
+    return record, current, Timer
+
+
+def _trl_finish(trainer, result, tokenizer, out_dir: Path, record: dict, report: str) -> None:
+    trainer.save_model(str(out_dir / "model"))
+    tokenizer.save_pretrained(out_dir / "model")
+    record.update(vmhwm_kib=_status_kib("VmHWM"), train_runtime=result.metrics["train_runtime"],
+                  optimizer=type(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer")
+                                 else trainer.optimizer).__name__, optim=str(trainer.args.optim))
+    Path(report).write_text(json.dumps(record))
+
+
 def trl_child(paths: dict[str, Path], mode: str, steps: int, out_dir: Path, report: str) -> None:
     """TRL's GKDTrainer on the same tokens, student init, teacher and optimizer settings."""
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
     from dskd.data.collate import collate_prompts, collate_training
@@ -362,19 +443,7 @@ def trl_child(paths: dict[str, Path], mode: str, steps: int, out_dir: Path, repo
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": labels,
                 "prompts": prompts["input_ids"], "prompt_attention_mask": prompts["attention_mask"]}
 
-    record = {"steps": [], "sampling": {"seconds": 0.0, "calls": 0}, "first_step_rss_kib": 0}
-    current = {"tokens": 0, "student_batches": 0, "loss": 0.0}  # this optimizer step's sums over micro-batches
-
-    class Timer(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kwargs):
-            if not record["steps"]:
-                record["first_step_rss_kib"] = _status_kib("VmRSS")
-            current.update(begin=time.time(), tokens=0, student_batches=0, loss=0.0)
-
-        def on_step_end(self, args, state, control, **kwargs):
-            record["steps"].append({"begin": current["begin"], "end": time.time(), "tokens": current["tokens"],
-                                    "student_batches": current["student_batches"], "loss": current["loss"],
-                                    "hwm_kib": _status_kib("VmHWM")})
+    record, current, Timer = _trl_timer()
 
     class CountingGKD(GKDTrainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -404,13 +473,55 @@ def trl_child(paths: dict[str, Path], mode: str, steps: int, out_dir: Path, repo
     trainer = CountingGKD(model=student, teacher_model=teacher, args=args, train_dataset=dataset,
                           processing_class=tokenizer, data_collator=collate, callbacks=[Timer()])
     trainer.generation_config.suppress_tokens = [pad]  # dskd never samples the pad token either
-    result = trainer.train()
-    trainer.save_model(str(out_dir / "model"))
-    tokenizer.save_pretrained(out_dir / "model")
-    record.update(vmhwm_kib=_status_kib("VmHWM"), train_runtime=result.metrics["train_runtime"],
-                  optimizer=type(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer")
-                                 else trainer.optimizer).__name__, optim=str(args.optim))
-    Path(report).write_text(json.dumps(record))
+    _trl_finish(trainer, trainer.train(), tokenizer, out_dir, record, report)
+
+
+def trl_distillation_child(paths: dict[str, Path], steps: int, out_dir: Path, report: str) -> None:
+    """TRL's stable DistillationTrainer (fully on-policy) on the same prompts, student init, teacher and optimizer
+    settings."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DistillationConfig, DistillationTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(paths["teacher"])
+    pad = tokenizer.pad_token_id
+    pairs = encoded_pairs(encoder_for(tokenizer), read_jsonl(paths["train"]))
+    # the prompts as dskd's Encoder cut them; the trainer would tokenize a "prompt" text itself (_tokenize_prompts)
+    dataset = Dataset.from_dict({"prompt": [p for p, _ in pairs]})
+    record, current, Timer = _trl_timer()
+
+    class CountingDistillation(DistillationTrainer):
+        def _tokenize_prompts(self, prompts: list):
+            return [list(p) for p in prompts], None, {}
+
+        def _generate_single_turn(self, prompt_ids, images, multimodal_fields, has_tool_images=False):
+            begin = time.perf_counter()
+            out = super()._generate_single_turn(prompt_ids, images, multimodal_fields, has_tool_images)
+            record["sampling"]["seconds"] += time.perf_counter() - begin
+            record["sampling"]["calls"] += 1
+            return out
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            current["tokens"] += int(inputs["completion_mask"].sum())
+            current["student_batches"] += 1  # every micro-batch trains on the student's completions
+            out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            current["loss"] += float((out[0] if return_outputs else out).detach())
+            return out
+
+    student = AutoModelForCausalLM.from_pretrained(paths["student_init"], dtype=torch.float32)
+    teacher = AutoModelForCausalLM.from_pretrained(paths["teacher"], dtype=torch.float32)
+    args = DistillationConfig(
+        output_dir=str(out_dir), per_device_train_batch_size=MBS, gradient_accumulation_steps=GAS, max_steps=steps,
+        learning_rate=LR, lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, adam_beta1=0.9,
+        adam_beta2=0.999, adam_epsilon=1e-8, max_grad_norm=1.0, bf16=False, fp16=False, gradient_checkpointing=False,
+        use_cpu=True, report_to="none", save_strategy="no", seed=SEED, dataloader_num_workers=0,
+        beta=0.0, temperature=1.0, top_p=1.0, top_k=0, max_completion_length=MAX_TARGET,
+        generation_kwargs={"suppress_tokens": [pad]},  # dskd never samples the pad token either
+        disable_dropout=True, use_vllm=False)
+    trainer = CountingDistillation(model=student, teacher_model=teacher, args=args, train_dataset=dataset,
+                                   processing_class=tokenizer, callbacks=[Timer()])
+    _trl_finish(trainer, trainer.train(), tokenizer, out_dir, record, report)
 
 
 # ---------------------------------------------------------------------------------------------- the parent
@@ -474,10 +585,12 @@ def main() -> None:
     global MBS  # --micro-batch: the children and the recipe read it
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=50, help="optimizer steps per run")
-    parser.add_argument("--rounds", type=int, default=2, help="rounds of the four runs (dskd/TRL order swapped)")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of all the runs (each configuration on "
+                        "both sides; dskd/TRL order swapped every round)")
     parser.add_argument("--warmup-steps", type=int, default=2, help="first steps left out of tokens/s")
     parser.add_argument("--teacher-steps", type=int, default=60, help="teacher fine-tuning steps (cached)")
-    parser.add_argument("--modes", default="offline,onpolicy")
+    parser.add_argument("--configs", "--modes", dest="modes", metavar="CONFIGS", default=",".join(MODES),
+                        help=f"comma-separated configurations to run, of {', '.join(MODES)} (default: all)")
     parser.add_argument("--vocab", type=int, default=VOCAB, help="BPE vocabulary trained for the task (the models' "
                         "vocabulary); 4096 is the toy size of earlier runs")
     parser.add_argument("--micro-batch", type=int, default=MBS, help="rows per micro-batch, both sides (the "
@@ -500,12 +613,19 @@ def main() -> None:
         return
     if args.child == "trl":
         paths = {k: Path(v) for k, v in json.loads(args.paths).items()}
-        trl_child(paths, args.mode, args.steps, Path(args.out), args.report)
+        if args.mode == DISTILLATION:
+            trl_distillation_child(paths, args.steps, Path(args.out), args.report)
+        else:
+            trl_child(paths, args.mode, args.steps, Path(args.out), args.report)
         return
     if args.quick:
         args.steps, args.rounds = 20, 1
     if args.steps <= args.warmup_steps:
         parser.error("--steps must exceed --warmup-steps")
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = [m for m in modes if m not in MODES]
+    if unknown or not modes:
+        parser.error(f"--configs: unknown {unknown}; choose from {', '.join(MODES)}")
     import torch
     import transformers
     import trl
@@ -523,7 +643,6 @@ def main() -> None:
           f"micro-batch {MBS} x accumulation {GAS}, input <= {MAX_INPUT} tokens, target <= {MAX_TARGET}, "
           f"{args.steps} steps, lr {LR}, {args.rounds} round(s)", flush=True)
     scorer = DevScorer(paths)
-    modes = args.modes.split(",")
     results: dict[tuple[str, str], list[dict]] = {}
     for round_index in range(args.rounds):
         for mode in modes:
