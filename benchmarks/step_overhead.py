@@ -106,7 +106,7 @@ class Bench:
         self.engine = create_student_engine(StudentWithLoss(student, len(self.tokenizer)), train, 10**6, dist, "fp32")
         self.engine.train()
         local = LocalTeacher()
-        local.place(teacher, TeacherConfig(init="config", model_type="llama", dtype="fp32"), vs_trl.MBS, dist)
+        local.place(lambda: teacher, TeacherConfig(init="config", model_type="llama", dtype="fp32"), vs_trl.MBS, dist)
         decoding = DecodingConfig(strategy="sampling", num_return_sequences=1, temperature=1.0, top_p=1.0, top_k=0,
                                   max_new_tokens=vs_trl.MAX_TARGET)
         self.kd_phase = Phase("kd", self.kd_loss, local, pool, steps=10**6, seed=vs_trl.SEED)

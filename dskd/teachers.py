@@ -50,6 +50,7 @@ from dskd import preemption
 from dskd.blackbox.client import EndpointClient, EndpointError, check_url
 from dskd.blackbox.generate import EndpointPTSource, read_api_key, teacher_identity, tokenizer_fingerprint
 from dskd.blackbox.targets import SparseTrainingPool
+from dskd.collectives import all_reduce
 from dskd.config import ConfigError, Recipe, TeacherConfig
 from dskd.data.collate import Encoder, collate_training
 from dskd.data.pt_store import PTStore, weights_fingerprint
@@ -168,6 +169,7 @@ class TeacherNeeds:
     vocab_size: int  # the vocabulary rows the loss compares (the student's)
     batch_size: int
     device: torch.device  # where the training step's batches go (an offloaded teacher's parameters may not be)
+    live: bool = False  # the phase also needs the teacher on batches no cache holds (Joint-Teaching's samples)
 
 
 class Teacher:
@@ -223,9 +225,10 @@ class LocalTeacher(Teacher):
         self.module: HiddenStateLM | None = None
         self.runner = None  # what forward runs on: the DeepSpeed engine, or the module itself when quantized
 
-    def place(self, model, spec: TeacherConfig, micro_batch_size: int, dist: DistInfo, dropout: bool = False) -> None:
-        """Eval-only DeepSpeed engine (ZeRO-3-partitioned when spec.shard), or the quantized module as is."""
-        self.module = HiddenStateLM(model)
+    def place(self, load, spec: TeacherConfig, micro_batch_size: int, dist: DistInfo, dropout: bool = False) -> None:
+        """`load()` the weights onto an eval-only DeepSpeed engine (ZeRO-3-partitioned when spec.shard), or keep the
+        quantized module as is."""
+        self.module = HiddenStateLM(load())
         self.runner = create_teacher_engine(self.module, spec, micro_batch_size, dist)
         if dropout:  # noisy KD: the teacher's dropout stays on
             self.runner.train()
@@ -255,8 +258,8 @@ class RelationTeacher(LocalTeacher):
         self.weight, self.heads = weight, heads
         self.sites: list = []
 
-    def place(self, model, spec: TeacherConfig, micro_batch_size: int, dist: DistInfo, dropout: bool = False) -> None:
-        super().place(model, spec, micro_batch_size, dist, dropout)
+    def place(self, load, spec: TeacherConfig, micro_batch_size: int, dist: DistInfo, dropout: bool = False) -> None:
+        super().place(load, spec, micro_batch_size, dist, dropout)
         self.sites = relation_sites(self.module.model)  # found once, not per micro-batch
 
     @contextmanager
@@ -312,20 +315,37 @@ class CachedTeacher(LocalTeacher):
         self.weights = teacher_model_path(recipe) if teacher_from_disk(recipe) else None
         self.fingerprint = ""
 
-    def place(self, model, spec: TeacherConfig, micro_batch_size: int, dist: DistInfo, dropout: bool = False) -> None:
-        # before placement: a ZeRO-3 engine partitions the parameters
-        self.fingerprint = weights_fingerprint(self.weights if self.weights else model)
-        super().place(model, spec, micro_batch_size, dist, dropout)
+    def place(self, load, spec: TeacherConfig, micro_batch_size: int, dist: DistInfo, dropout: bool = False) -> None:
+        """Deferred to `ready`: a cache that holds every pair of a phase without Joint-Teaching needs no teacher."""
+        self._placement = (load, spec, micro_batch_size, dist, dropout)
+
+    def _load(self) -> None:
+        if self.module is None:
+            load, *rest = self._placement
+            model = load()
+            self.fingerprint = self.fingerprint or weights_fingerprint(model)  # before ZeRO-3 partitions it
+            super().place(lambda: model, *rest)
 
     def ready(self, pool: TrainingPool, needs: TeacherNeeds) -> None:
-        """Score what the cache lacks of the first `needs.epochs` epochs (each rank its share), with this process's
-        teacher forward."""
+        """Score what the cache lacks of the first `needs.epochs` epochs (each rank its share) with this process's
+        teacher forward; the teacher's weights load only if something is missing or the phase needs it live."""
+        if self.weights is not None:
+            self.fingerprint = weights_fingerprint(self.weights)
+        else:
+            self._load()  # built from a config: its weights are its identity
         self.cache.open(CacheIdentity(self.fingerprint, self.runtime, tokenizer_fingerprint(needs.encoder.tokenizer),
                                       needs.encoder.formatting.arch, self.spec.top_k, self.spec.tail_samples),
                         writer=needs.dist.is_main)
+        missing = any(key not in self.cache for key in epoch_keys(pool, needs.epochs))
+        if needs.live or bool(all_reduce(torch.tensor([float(missing)]), torch_dist.ReduceOp.MAX)):
+            self._load()
+        elif needs.dist.is_main:
+            print(f"[dskd] teacher cache: {self.cache.root} holds every pair; the teacher is not loaded",
+                  file=sys.stderr)
+        config = self.module.model.config if self.module is not None else None
         build_cache(self.cache, pool, needs, lambda keys, pairs, batch: self._score(batch, keys, needs),
                     f"top-{self.spec.top_k} + {self.spec.tail_samples} tail draws", collective=True,
-                    decoder_start=getattr(self.module.model.config, "decoder_start_token_id", None))
+                    decoder_start=getattr(config, "decoder_start_token_id", None))
 
     def _score(self, batch: dict[str, torch.Tensor], keys: list[str],
                needs: TeacherNeeds) -> tuple[torch.Tensor, torch.Tensor]:
@@ -433,13 +453,18 @@ class ServedTeacher(_StudentTokens):
         return {"train/teacher_tail_mass": float(tail_mass / tokens)}
 
 
+def epoch_keys(pool: TrainingPool, epochs: int) -> dict[str, Pair]:
+    """The cache keys of the pairs `pool` gives over its first `epochs` epochs."""
+    return {pair_key(p.prompt, p.target): p for e in range(epochs) for p in pool.epoch_pairs(e)}
+
+
 def build_cache(cache: TeacherCache, pool: TrainingPool, needs: TeacherNeeds, score, what: str, *,
                 collective: bool, concurrency: int = 1, decoder_start: int | None = None) -> None:
     """Score the pairs of the first `needs.epochs` epochs of `pool` that `cache` lacks, each rank its share
     (`score(keys, pairs, batch) -> (ids, log-probs)` over the batch's target positions; `collective`: every rank
     runs as many batches, a ZeRO-3 forward), then index everything on disk; a killed build keeps its shards."""
     dist, encoder = needs.dist, needs.encoder
-    wanted = {pair_key(p.prompt, p.target): p for e in range(needs.epochs) for p in pool.epoch_pairs(e)}
+    wanted = epoch_keys(pool, needs.epochs)
     missing = sorted((p for key, p in wanted.items() if key not in cache), key=lambda p: len(p.prompt) + len(p.target))
     if missing:
         batches = [missing[i:i + needs.batch_size] for i in range(0, len(missing), needs.batch_size)]

@@ -102,6 +102,21 @@ def tiny_task(tmp_path_factory, tiny_tokenizer):
     return root
 
 
+def save_peaked_llama(out, tokenizer_dir, vocab_size: int = 300, **config):
+    """A random tiny Llama saved with the task's tokenizer, its next-token distribution peaked by a scaled head
+    (a plain random init gives log-probs within ~1e-5 of each other: top-k order would be float noise)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**{**tiny_config_kwargs("llama", vocab_size), **config}))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20.0)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
+    return out
+
+
 def tiny_recipe(task_dir, out_dir, family: str = "t5", **sections) -> dict:
     """A complete recipe dict for a tiny teacher/student pair on `tiny_task` (override sections by kwargs)."""
     tok = str(task_dir / "tokenizer")

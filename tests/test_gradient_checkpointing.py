@@ -91,7 +91,7 @@ def _one_step(family: str, tokenizer, tmp_path, *, checkpointing: bool, zero_sta
     engine = create_student_engine(StudentWithLoss(student, 300), train, 4, dist, "fp32")
     engine.train()
     local = RelationTeacher(0.5, 2) if relations else LocalTeacher()
-    local.place(teacher, TeacherConfig(init="config", model_type=family), MBS, dist)
+    local.place(lambda: teacher, TeacherConfig(init="config", model_type=family), MBS, dist)
     loss = replace(LOSS, kd_weight=0.5) if relations else LOSS  # relations: 0.5 logits KD, 0.5 relations
     phase = Phase("kd", loss, local, pool, steps=1, seed=3)
     ctx = TrainContext(encoder, dist, train, Tracker(TrackingConfig(enabled=False), tmp_path), tmp_path / "ckpt")

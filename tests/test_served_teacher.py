@@ -20,25 +20,14 @@ from pathlib import Path
 import pytest
 
 from dskd.config import ConfigError, load_recipe
-from tests.conftest import tiny_config_kwargs, tiny_recipe
+from tests.conftest import save_peaked_llama, tiny_config_kwargs, tiny_recipe
 
 VOCAB = 300
 
 
 @pytest.fixture(scope="module")
 def causal_teacher(tiny_task, tmp_path_factory) -> Path:
-    """A random tiny Llama with a peaked next-token distribution (its head scaled up) and the task's tokenizer."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**tiny_config_kwargs("llama", VOCAB)))
-    with torch.no_grad():
-        model.lm_head.weight.mul_(20.0)
-    out = tmp_path_factory.mktemp("served") / "teacher"
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(tiny_task / "tokenizer").save_pretrained(out)
-    return out
+    return save_peaked_llama(tmp_path_factory.mktemp("served") / "teacher", tiny_task / "tokenizer", VOCAB)
 
 
 @pytest.fixture(scope="module")

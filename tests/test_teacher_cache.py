@@ -66,6 +66,27 @@ def test_a_second_student_reuses_the_cache_and_joint_teaching_mixes_cached_and_l
     assert dense["calls"] == 2  # every second micro-batch: the student's samples, scored by the live teacher
 
 
+def test_a_student_whose_pairs_are_all_cached_never_loads_the_teacher(tiny_task, tmp_path, monkeypatch):
+    import torch
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from dskd.stages.train import TrainingStage
+    from tests.conftest import tiny_config_kwargs
+
+    torch.manual_seed(0)  # a teacher on disk: its files are its identity (one built from a config must be built)
+    T5ForConditionalGeneration(T5Config(**tiny_config_kwargs("t5", 300))).save_pretrained(tmp_path / "teacher")
+    on_disk = ["teacher.init=pretrained", f"teacher.path={tmp_path / 'teacher'}", "teacher.config={}",
+               "teacher.signal=cached", "teacher.cache_top_k=16"]
+    first = _train(tiny_task, tmp_path, *on_disk)
+    built = []
+    original = TrainingStage._build_teacher
+    monkeypatch.setattr(TrainingStage, "_build_teacher", lambda self: built.append(1) or original(self))
+    second = _train(tiny_task, tmp_path, *on_disk, name="second")
+    assert built == [] and second.losses == pytest.approx(first.losses, rel=1e-6)  # same pairs, same signal
+    _train(tiny_task, tmp_path, *on_disk, name="jt", student_pt_ratio=0.5)
+    assert built == [1]  # Joint-Teaching's samples need the live teacher
+
+
 def test_a_cache_of_another_teacher_or_k_is_refused_and_a_partial_one_is_completed(tiny_task, tmp_path):
     from dskd.teacher_cache import TeacherCache
 

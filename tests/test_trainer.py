@@ -47,7 +47,7 @@ def _trainer(family: str, tokenizer, tmp_path, joint_teaching: JointTeaching | N
     engine = create_student_engine(StudentWithLoss(student, 300), train, 4, dist, "fp32")
     engine.train()
     local = local or LocalTeacher()
-    local.place(teacher, TeacherConfig(init="config", model_type=family), MBS, dist)
+    local.place(lambda: teacher, TeacherConfig(init="config", model_type=family), MBS, dist)
     phase = Phase("kd", loss, local, pool, steps=1, seed=3, joint_teaching=joint_teaching)
     ctx = TrainContext(encoder, dist, train, Tracker(TrackingConfig(enabled=False), tmp_path), tmp_path / "ckpt")
     return Trainer(engine, [phase], ctx), phase, reference_student, teacher, encoder

@@ -17,7 +17,7 @@ import pytest
 
 from dskd.config import load_recipe
 from dskd.serve.vllm import vllm_in_subprocess, vllm_python
-from tests.conftest import tiny_config_kwargs, tiny_recipe
+from tests.conftest import save_peaked_llama, tiny_config_kwargs, tiny_recipe
 
 VOCAB = 300
 
@@ -29,20 +29,9 @@ if vllm_python() is None:
 
 @pytest.fixture(scope="module")
 def teacher_dir(tiny_task, tmp_path_factory):
-    """A random Llama vLLM's CPU kernels take (head size 32), peaked by a scaled head, with the task's tokenizer."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = {**tiny_config_kwargs("llama", VOCAB), "hidden_size": 64, "num_attention_heads": 2,
-              "num_key_value_heads": 2, "head_dim": 32, "max_position_embeddings": 128}
-    model = LlamaForCausalLM(LlamaConfig(**config))
-    with torch.no_grad():
-        model.lm_head.weight.mul_(20.0)
-    out = tmp_path_factory.mktemp("vllm") / "teacher"
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(tiny_task / "tokenizer").save_pretrained(out)
-    return out
+    """A tiny Llama vLLM's CPU kernels take (they need a head size of 32 or more)."""
+    return save_peaked_llama(tmp_path_factory.mktemp("vllm") / "teacher", tiny_task / "tokenizer", VOCAB,
+                             hidden_size=64, head_dim=32, max_position_embeddings=128)
 
 
 @pytest.fixture(scope="module")

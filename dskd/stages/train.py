@@ -5,7 +5,9 @@
                    uses its own when it names one), PT store; skip and truncation counts printed per split
     setup_models   the model to train (built, loaded or pruned from the teacher; activation checkpointing when
                    its section sets gradient_checkpointing) and, for KD, the teacher
-    setup_engines  the student engine (optimizer, ZeRO 0-3); the teacher placed by `LocalTeacher.place`
+    setup_engines  the student engine (optimizer, ZeRO 0-3); the teacher placed by `LocalTeacher.place` (it builds
+                   the weights then, or, for a cached teacher, only if the cache lacks a pair or Joint-Teaching
+                   needs the live teacher)
     resume         `--resume auto`: the latest complete checkpoint, its RNG state and `TrainState`
     train          `dskd.trainer.Trainer.fit` inside an MLflow run, with SIGUSR1/SIGTERM handling; the loss curves
                    (`dskd.plots`) are logged when it ends, also at a preemption checkpoint or a divergence
@@ -174,35 +176,30 @@ class TrainingStage:
         return {"pt_ids": [encode(list(texts), add_special_tokens=False)["input_ids"] for texts in batch["pts"]]}
 
     def setup_models(self) -> None:
-        """The model to train and, when a phase needs a local teacher (or the student is pruned from it), the
-        teacher's weights."""
-        recipe, tokenizer, teacher_tokenizer = self.recipe, self.tokenizer, self.teacher_tokenizer
+        """The model to train and, when a phase needs a local teacher, how to build the teacher's weights (built
+        here only when the student is pruned from it)."""
+        recipe, tokenizer = self.recipe, self.tokenizer
         t_spec = recipe.teacher
-        self.teacher_hf = None
+        self.load_teacher = None  # builds the teacher's weights when its Teacher asks (a full cache never does)
         if self.stage == "teacher":
             check_model_source(t_spec, "teacher")
             self.student_hf = build_model(t_spec, tokenizer)
         else:
             check_model_source(recipe.student, "student")
             needs_teacher = any(s.teacher.local_model for s in self.specs)
-            teacher = None
-            if needs_teacher or recipe.student.init == "prune":
-                from_disk = t_spec.finetune or t_spec.init == "pretrained"
-                if t_spec.init == "pretrained":
-                    check_model_source(t_spec, "teacher")
-                teacher = build_model(t_spec, teacher_tokenizer,
-                                      path=teacher_model_path(recipe) if from_disk else None)
+            if needs_teacher and t_spec.init == "pretrained":
+                check_model_source(t_spec, "teacher")
             if recipe.student.init == "prune":
+                teacher = self._build_teacher()
                 self.student_hf = prune_layers(teacher, recipe.student.prune).to(DTYPES[recipe.student.dtype])
+                self.load_teacher = (lambda: teacher) if needs_teacher else None
             else:
                 self.student_hf = build_model(recipe.student, tokenizer)  # the student's own tokenizer
-            self.teacher_hf = teacher if needs_teacher else None
+                self.load_teacher = self._build_teacher if needs_teacher else None
         role = "teacher" if self.stage == "teacher" else "student"  # the trained model's recipe section
         if getattr(recipe, role).gradient_checkpointing:
             enable_activation_checkpointing(self.student_hf, role)
         self.vocab = check_vocab_rows(self.student_hf, tokenizer, "student")
-        if self.teacher_hf is not None:
-            check_vocab_rows(self.teacher_hf, teacher_tokenizer, "teacher")
         self.arch = detect_arch(self.student_hf.config)
         self.encoder = Encoder(tokenizer, Formatting.from_data(recipe.data, self.arch))
         self.task.count_truncation(self.encoder)
@@ -212,6 +209,16 @@ class TrainingStage:
                 print(f"[dskd] {self.stage}: {line}")
             for warning in warnings:
                 print(f"[dskd] {self.stage}: warning: {warning}", file=sys.stderr)
+
+    def _build_teacher(self):
+        """The teacher's weights (the fine-tuned ones when teacher.finetune), checked against its tokenizer."""
+        spec = self.recipe.teacher
+        from_disk = spec.finetune or spec.init == "pretrained"
+        if spec.init == "pretrained":
+            check_model_source(spec, "teacher")
+        teacher = build_model(spec, self.teacher_tokenizer, path=teacher_model_path(self.recipe) if from_disk else None)
+        check_vocab_rows(teacher, self.teacher_tokenizer, "teacher")
+        return teacher
 
     def setup_engines(self) -> None:
         """Pools and step budgets, the student engine, the teacher placed (engine or quantized module)."""
@@ -226,13 +233,14 @@ class TrainingStage:
         self.dtype = (recipe.teacher if self.stage == "teacher" else recipe.student).dtype
         self.engine = create_student_engine(StudentWithLoss(self.student_hf, self.vocab), train, sum(steps), dist,
                                             self.dtype)
-        if self.teacher_hf is not None:
+        if self.load_teacher is not None:
             local = next(s.teacher for s in self.specs if s.teacher.local_model)
-            local.place(self.teacher_hf, recipe.teacher, mbs, dist, dropout=recipe.distill.teacher_dropout)
+            local.place(self.load_teacher, recipe.teacher, mbs, dist, dropout=recipe.distill.teacher_dropout)
         for spec, pool, n in zip(self.specs, pools, steps):  # e.g. the teacher cache scores what it lacks
             micro_batches = pool.micro_batches_per_epoch(mbs, dist.world_size)
             spec.teacher.ready(pool, TeacherNeeds(self.encoder, dist, epochs=math.ceil(n * gas / micro_batches),
-                                                  vocab_size=self.vocab, batch_size=mbs, device=self.engine.device))
+                                                  vocab_size=self.vocab, batch_size=mbs, device=self.engine.device,
+                                                  live=spec.student_pt_ratio > 0))
         self.engine.train()  # from_pretrained returns eval mode: dropout must be on while training
         self.model = self.engine.module.hf_model
         self.synced_gpus = self.engine.zero_optimization_partition_weights() and dist.world_size > 1
