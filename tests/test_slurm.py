@@ -6,7 +6,8 @@ pass by skipping them. A cluster the tests started themselves is stopped again b
 Two kinds of jobs: a stand-in worker (tests/workers/slurm_fake_train.py, same CLI contract as dskd,
 starts in ~2 s) checks the template mechanics cheaply; the real `python -m dskd` stages check the
 whole path: teacher -> generate -> distill chained by dependencies, a preemption signal in the middle of
-distillation, and an MLflow server job that the other jobs log to.
+distillation, and an MLflow server job that the other jobs log to. The teacher's server job
+(serve_teacher.sbatch) runs vLLM (its CPU build; the vLLM venv is required in CI) and `dskd serve-teacher`.
 """
 
 from __future__ import annotations
@@ -256,3 +257,99 @@ def test_study_template_runs_prepare_then_a_cell_array_then_the_report(slurm, su
     (parent,) = [r for r in runs if r.data.tags.get("dskd.stage") == "study"]
     children = [r for r in runs if r.data.tags.get("dskd.study.cell")]
     assert len(children) == 4 and all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in children)
+
+
+# ------------------------------------------------------------------------------- the teacher's server job
+
+
+@pytest.fixture(scope="module")
+def served_llama(tiny_task, tmp_path_factory):
+    """A random Llama both servers take (vLLM's CPU kernels need head size 32), with the task's tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from tests.conftest import tiny_config_kwargs
+
+    torch.manual_seed(0)
+    config = {**tiny_config_kwargs("llama", 300), "hidden_size": 64, "num_attention_heads": 2,
+              "num_key_value_heads": 2, "head_dim": 32, "max_position_embeddings": 128}
+    out = tmp_path_factory.mktemp("served") / "teacher"
+    LlamaForCausalLM(LlamaConfig(**config)).save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_task / "tokenizer").save_pretrained(out)
+    return out
+
+
+def _vllm_python_or_skip() -> str:
+    from dskd.serve.vllm import vllm_python
+
+    python = vllm_python()
+    if python is None:
+        message = "no vLLM venv (bash .ci/vllm_venv.sh builds one; DSKD_VLLM_VENV points at another)"
+        if _in_ci():
+            pytest.fail(f"CI is set but {message}")
+        pytest.skip(message)
+    return str(python)
+
+
+def _job_processes(job_id: str) -> list[int]:
+    """This machine's processes that belong to the job: SLURM_JOB_ID=<id> in their environment."""
+    marker = f"SLURM_JOB_ID={job_id}".encode()
+    pids = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if marker in environ.read_bytes().split(b"\0"):
+                pids.append(int(environ.parent.name))
+        except OSError:  # ended meanwhile, or not ours to read
+            pass
+    return pids
+
+
+@pytest.mark.parametrize("server, stop", [("vllm", "scancel"), ("vllm", "usr1"), ("dskd", "scancel")])
+def test_serve_teacher_job_scores_prompts_and_stops_cleanly(server, stop, slurm, submitted, served_llama, tmp_path):
+    """slurm/serve_teacher.sbatch with SERVER=vllm (vLLM's CPU build) and SERVER=dskd: SERVE_DIR/url appears once
+    the server answers, a scoring request (prompt_logprobs, as teacher.signal=served sends) works at that URL, and
+    `scancel` (SIGTERM) stops the job, or SIGUSR1 (the time-limit warning) stops the server and requeues the job;
+    either way the URL is removed first and none of the job's processes (vLLM's engine included) outlive it."""
+    port = _free_port()
+    serve_dir = tmp_path / "serve"
+    settings = {"SERVER": server, "SERVE_PORT": str(port), "SERVE_DIR": str(serve_dir), "GPUS_PER_NODE": "0",
+                "CPUS_PER_TASK": "1", "TIME_LIMIT": "15"}
+    args = ["--model", str(served_llama), "--max-logprobs", "5", "--served-model-name", "teacher"]
+    if server == "vllm":
+        settings.update(VLLM_PYTHON=_vllm_python_or_skip(), VLLM_CPU_KVCACHE_SPACE="1")
+        args += ["--max-model-len", "128"]
+    else:
+        settings["DSKD_COMMAND"] = f"{sys.executable} -m dskd"
+    job = slurm.submit_template("serve_teacher.sbatch", args, cwd=tmp_path, settings=settings)
+    submitted.append(job)
+    url_file = serve_dir / "url"
+    wait_for(lambda: url_file.exists() or job.state() in FINAL_STATES, 600, f"the {server} server job")
+    assert url_file.exists(), job.describe()
+    url = url_file.read_text().strip()
+    assert url == f"http://{socket.gethostname()}:{port}/v1"
+
+    prompt = [3, 40, 41, 42, 43]
+    body = {"model": "teacher", "prompt": prompt, "max_tokens": 1, "prompt_logprobs": 5}
+    request = urllib.request.Request(f"{url}/completions", json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+    http = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # the node's name, never via a proxy
+    scores = json.load(http.open(request, timeout=60))["choices"][0]["prompt_logprobs"]
+    assert len(scores) == len(prompt) and scores[0] is None
+    for token, position in zip(prompt[1:], scores[1:]):
+        assert str(token) in position and len(position) in (5, 6)  # its top 5, plus the prompt's token
+        assert all(entry["logprob"] <= 0 for entry in position.values())
+    wait_for(lambda: f"Teacher endpoint up ({server})" in job.log(), 30, "the usage note in the job's log")
+    assert "--teacher-endpoint" in job.log() and "teacher.signal=served" in job.log()
+
+    if stop == "usr1":
+        job.signal_batch_shell("USR1")
+        wait_for(lambda: "requeueing job" in job.log(), 60, "the server job to stop and requeue itself")
+        assert job.wait(timeout=30, states={"PENDING"})["Restarts"] == "1"  # held before it may start again
+        assert "vllm stopped before the time limit" in job.log()
+    job.cancel()
+    assert job.wait(timeout=60)["JobState"] == "CANCELLED"
+    if stop == "scancel":
+        label = "vllm" if server == "vllm" else "serve-teacher"  # the job's log lines name the server so
+        wait_for(lambda: f"{label} stopped (SIGTERM)" in job.log(), 60, "the server job's clean stop")
+    assert not url_file.exists() and not _port_open(port)
+    wait_for(lambda: not _job_processes(job.id), 30, f"job {job.id}'s processes (vLLM's engine too) to end")
