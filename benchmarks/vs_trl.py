@@ -464,16 +464,22 @@ def trl_child(paths: dict[str, Path], mode: str, steps: int, out_dir: Path, repo
     student = AutoModelForCausalLM.from_pretrained(paths["student_init"], dtype=torch.float32)
     teacher = AutoModelForCausalLM.from_pretrained(paths["teacher"], dtype=torch.float32)
     args = GKDConfig(
-        output_dir=str(out_dir), per_device_train_batch_size=MBS, gradient_accumulation_steps=GAS, max_steps=steps,
-        learning_rate=LR, lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, adam_beta1=0.9,
-        adam_beta2=0.999, adam_epsilon=1e-8, max_grad_norm=1.0, bf16=False, fp16=False, gradient_checkpointing=False,
-        use_cpu=True, report_to="none", save_strategy="no", seed=SEED, dataloader_num_workers=0,
+        **_trainer_args(out_dir, steps),
         lmbda=MODES[mode], beta=0.0, temperature=1.0, max_new_tokens=MAX_TARGET, seq_kd=False,
         disable_dropout=True, max_length=None)
     trainer = CountingGKD(model=student, teacher_model=teacher, args=args, train_dataset=dataset,
                           processing_class=tokenizer, data_collator=collate, callbacks=[Timer()])
     trainer.generation_config.suppress_tokens = [pad]  # dskd never samples the pad token either
     _trl_finish(trainer, trainer.train(), tokenizer, out_dir, record, report)
+
+
+def _trainer_args(out_dir: Path, steps: int) -> dict:
+    """The transformers TrainingArguments both TRL trainers share: dskd's optimizer, schedule and batch on the CPU."""
+    return dict(
+        output_dir=str(out_dir), per_device_train_batch_size=MBS, gradient_accumulation_steps=GAS, max_steps=steps,
+        learning_rate=LR, lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, adam_beta1=0.9,
+        adam_beta2=0.999, adam_epsilon=1e-8, max_grad_norm=1.0, bf16=False, fp16=False, gradient_checkpointing=False,
+        use_cpu=True, report_to="none", save_strategy="no", seed=SEED, dataloader_num_workers=0)
 
 
 def trl_distillation_child(paths: dict[str, Path], steps: int, out_dir: Path, report: str) -> None:
@@ -512,10 +518,7 @@ def trl_distillation_child(paths: dict[str, Path], steps: int, out_dir: Path, re
     student = AutoModelForCausalLM.from_pretrained(paths["student_init"], dtype=torch.float32)
     teacher = AutoModelForCausalLM.from_pretrained(paths["teacher"], dtype=torch.float32)
     args = DistillationConfig(
-        output_dir=str(out_dir), per_device_train_batch_size=MBS, gradient_accumulation_steps=GAS, max_steps=steps,
-        learning_rate=LR, lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, adam_beta1=0.9,
-        adam_beta2=0.999, adam_epsilon=1e-8, max_grad_norm=1.0, bf16=False, fp16=False, gradient_checkpointing=False,
-        use_cpu=True, report_to="none", save_strategy="no", seed=SEED, dataloader_num_workers=0,
+        **_trainer_args(out_dir, steps),
         beta=0.0, temperature=1.0, top_p=1.0, top_k=0, max_completion_length=MAX_TARGET,
         generation_kwargs={"suppress_tokens": [pad]},  # dskd never samples the pad token either
         disable_dropout=True, use_vllm=False)
