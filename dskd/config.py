@@ -155,15 +155,31 @@ class StudentConfig(ModelConfig):
     name: str = "student"  # output subdirectory and MLflow run name
 
 
-class DecodingConfigModel(Strict):
+class DecodingConfig(Strict):
+    """How to decode (the one schema: recipes, PT generation, Joint-Teaching, evaluation). `batch_size` counts
+    prompts; a batch holds batch_size x num_return_sequences sequences."""
+
     strategy: Literal["greedy", "sampling", "beam"] = "greedy"
-    num_return_sequences: int = Field(1, ge=1)
+    num_return_sequences: int = Field(1, ge=1)  # K pseudo-targets per input
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0)
+    top_k: int = Field(0, ge=0)  # 0 = no top-k filtering
     num_beams: int = Field(4, ge=1)
     max_new_tokens: int = Field(64, ge=1)
     batch_size: int = Field(32, ge=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "DecodingConfig":
+        if self.strategy == "greedy" and self.num_return_sequences > 1:
+            raise ValueError("greedy decoding returns one sequence per input: use strategy=sampling or beam for "
+                             f"num_return_sequences={self.num_return_sequences}")
+        if self.strategy == "beam" and self.num_return_sequences > self.num_beams:
+            raise ValueError(f"beam search returns at most num_beams={self.num_beams} sequences, "
+                             f"not num_return_sequences={self.num_return_sequences}")
+        return self
+
+    def as_dict(self) -> dict:
+        return self.model_dump()
 
 
 class EndpointConfig(Strict):
@@ -199,7 +215,7 @@ class EndpointConfig(Strict):
 
 class GenerateConfig(Strict):
     splits: list[Literal["labeled", "unlabeled"]] = ["labeled", "unlabeled"]
-    decoding: DecodingConfigModel = DecodingConfigModel(
+    decoding: DecodingConfig = DecodingConfig(
         strategy="sampling", num_return_sequences=8, top_p=0.95, temperature=1.0
     )
     output: Path | None = None  # default <output_dir>/pts
@@ -216,7 +232,7 @@ class DistillConfig(TrainConfig):
     ce_weight: float = 0.0  # gold/PT cross-entropy mixed into the KD loss
     sources: list[Literal["gold", "teacher_pt"]] = ["gold", "teacher_pt"]
     student_pt_ratio: float = Field(0.0, ge=0, le=1)  # Joint-Teaching: share of micro-batches on student samples
-    student_decoding: DecodingConfigModel = DecodingConfigModel(strategy="sampling", top_p=0.95, temperature=1.0)
+    student_decoding: DecodingConfig = DecodingConfig(strategy="sampling", top_p=0.95, temperature=1.0)
     pt_splits: list[Literal["labeled", "unlabeled"]] = ["labeled", "unlabeled"]  # whose PTs teacher_pt uses
     teacher_dropout: bool = False  # noisy KD
     attention_relation_weight: float = Field(0.0, ge=0, lt=1)  # MiniLMv2 relation KD: its share of the KD loss
@@ -229,7 +245,7 @@ class EvaluateConfig(Strict):
     students: list[str] | None = None  # student names under <output_dir>/students; default: student.name
     include_teacher: bool = True
     max_examples: int | None = None
-    decoding: DecodingConfigModel = DecodingConfigModel(strategy="greedy", max_new_tokens=64)
+    decoding: DecodingConfig = DecodingConfig(strategy="greedy", max_new_tokens=64)
     efficiency_batch_size: int = 16
     efficiency_repeats: int = 3
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -114,7 +114,7 @@ def efficiency(model, encoder: Encoder, prompts: Sequence[list[int]], decoding: 
     throughput (examples/s at config.batch_size), as the paper measures efficiency. `prompts` are prompt ids."""
     if not prompts:
         raise ValueError("efficiency needs at least one prompt")
-    single = generation_config(model, encoder, replace(decoding, num_return_sequences=1))
+    single = generation_config(model, encoder, decoding.model_copy(update={"num_return_sequences": 1}))
     greedy = generation_config(model, encoder, DecodingConfig(strategy="greedy", max_new_tokens=decoding.max_new_tokens))
     latency_prompts = [prompts[i % len(prompts)] for i in range(config.latency_examples)]
     was_training = model.training

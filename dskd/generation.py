@@ -22,8 +22,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from dataclasses import asdict, dataclass, replace
-from typing import TYPE_CHECKING, Callable, Literal, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -31,6 +30,7 @@ from transformers import GenerationConfig
 
 from dskd import sampling
 from dskd.collectives import all_reduce
+from dskd.config import DecodingConfig
 from dskd.preemption import Preempted
 from dskd.data.collate import Encoder, collate_prompts
 
@@ -44,46 +44,6 @@ if TYPE_CHECKING:
 # the batching or the sampling code changes what a seed produces (stores of another version are refused).
 # hf-generate (no "generator" key): HF generate, batches of batch_size rows in input order.
 GENERATOR_VERSION = f"{sampling.SAMPLER_VERSION}+length-sorted-batches"
-
-
-@dataclass(frozen=True)
-class DecodingConfig:
-    """How to decode. `batch_size` counts prompts; a batch holds batch_size x num_return_sequences sequences."""
-
-    strategy: Literal["greedy", "sampling", "beam"] = "greedy"
-    num_return_sequences: int = 1  # K pseudo-targets per input
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = no top-k filtering
-    num_beams: int = 4
-    max_new_tokens: int = 64
-    batch_size: int = 32
-
-    def __post_init__(self) -> None:
-        problems = []
-        if self.strategy not in ("greedy", "sampling", "beam"):
-            problems.append(f"strategy={self.strategy!r} is not one of greedy, sampling, beam")
-        if self.num_return_sequences < 1:
-            problems.append("num_return_sequences must be >= 1")
-        if self.strategy == "greedy" and self.num_return_sequences > 1:
-            problems.append("greedy decoding returns one sequence per input: use strategy=sampling or beam for "
-                            f"num_return_sequences={self.num_return_sequences}")
-        if self.strategy == "beam" and self.num_return_sequences > self.num_beams:
-            problems.append(f"beam search returns at most num_beams={self.num_beams} sequences, "
-                            f"not num_return_sequences={self.num_return_sequences}")
-        if self.temperature <= 0:
-            problems.append("temperature must be > 0")
-        if not 0 < self.top_p <= 1:
-            problems.append("top_p must be in (0, 1]")
-        if self.top_k < 0:
-            problems.append("top_k must be >= 0 (0 disables it)")
-        if self.num_beams < 1 or self.max_new_tokens < 1 or self.batch_size < 1:
-            problems.append("num_beams, max_new_tokens and batch_size must be >= 1")
-        if problems:
-            raise ValueError("invalid decoding config: " + "; ".join(problems))
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 # ------------------------------------------------------------------------------------------ one batch
@@ -252,7 +212,8 @@ def sample_student_targets(model, encoder: Encoder, prompts: Sequence[list[int]]
     Draws from the global RNG on purpose: the training loop checkpoints that state, so a resumed run samples
     the same student targets.
     """
-    one_each = replace(decoding, num_return_sequences=1, batch_size=max(decoding.batch_size, len(prompts)))
+    one_each = decoding.model_copy(update={"num_return_sequences": 1,
+                                         "batch_size": max(decoding.batch_size, len(prompts))})
     return [group[0] for group in generate_ids(model, encoder, prompts, one_each, synced_gpus=synced_gpus)]
 
 

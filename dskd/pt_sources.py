@@ -28,7 +28,7 @@ from dskd.data.collate import Encoder, Formatting
 from dskd.data.pt_store import PTStore, weights_fingerprint
 from dskd.data.task import TaskData
 from dskd.engines import create_teacher_engine, init_distributed
-from dskd.generation import DecodingConfig, generate_pseudo_targets, pt_store_meta
+from dskd.generation import generate_pseudo_targets, pt_store_meta
 from dskd.layout import teacher_from_disk, teacher_model_path
 from dskd.models import build_model, detect_arch
 from dskd.tracking import Tracker
@@ -99,7 +99,7 @@ class LocalPTSource:
         torch.manual_seed(recipe.run.seed)  # a config-initialized teacher must be the same model on every rank
         teacher_hf = build_model(recipe.teacher, tokenizer, path=t_path)
         self.encoder = Encoder(tokenizer, Formatting.from_data(recipe.data, detect_arch(teacher_hf.config)))
-        self.decoding = DecodingConfig(**recipe.generate.decoding.model_dump())
+        self.decoding = recipe.generate.decoding
         self.identity = {"path": t_path or f"config:{recipe.teacher.model_type}",
                          "fingerprint": weights_fingerprint(t_path if t_path else teacher_hf)}
         engine = create_teacher_engine(teacher_hf, recipe.teacher, self.decoding.batch_size, dist)

@@ -47,7 +47,7 @@ import torch.distributed as torch_dist
 from tqdm.auto import tqdm
 
 from dskd import preemption
-from dskd.blackbox.client import EndpointClient, EndpointError, check_url
+from dskd.blackbox.client import EndpointClient, EndpointError, check_url, public_url
 from dskd.blackbox.generate import EndpointPTSource, read_api_key, teacher_identity, tokenizer_fingerprint
 from dskd.blackbox.targets import SparseTrainingPool
 from dskd.collectives import all_reduce
@@ -189,6 +189,10 @@ class Teacher:
                       sources: list[str]) -> TrainingPool:
         return TrainingPool(encoder, labeled, pts, sources)
 
+    def identity(self, recipe: Recipe) -> str:
+        """Which teacher this is, for the run's tags: its weights' directory."""
+        return str(teacher_model_path(recipe))
+
     def pt_source(self, recipe: Recipe, store: PTStore) -> PTSource:
         """Where `dskd generate` takes the PTs: the server at generate.endpoint when one is set (whatever then
         scores them: the mixed recipe), else the teacher model in this process."""
@@ -277,6 +281,10 @@ class _StudentTokens(Teacher):
         if task.tokenizer_path is not None:
             return super().tokenizer(recipe, task)
         return load_tokenizer(recipe.student, role="student")  # the PTs were aligned to the student's tokens
+
+
+    def identity(self, recipe: Recipe) -> str:
+        return f"served:{public_url(recipe.generate.endpoint.url or '')}"
 
 
 class StoredTopKTeacher(_StudentTokens):

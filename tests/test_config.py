@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from tests.conftest import launch_env
-from dskd.config import ConfigError, Recipe, apply_overrides, flatten, load_recipe, parse_override
+from dskd.config import ConfigError, DecodingConfig, Recipe, apply_overrides, flatten, load_recipe, parse_override
 
 
 def test_defaults_validate_and_flatten_to_dotted_params():
@@ -70,3 +71,19 @@ def test_cli_reports_config_errors_before_loading_anything(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "dskd", "teacher", "--config", str(recipe), "teacher.bogus=1"],
                           capture_output=True, text=True, timeout=120, cwd=tmp_path, env=launch_env())
     assert proc.returncode == 2 and "unknown key 'teacher.bogus'" in proc.stderr
+
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_one_decoding_schema_checks_its_fields_together_at_load_time():
+    """config.DecodingConfig is the schema of every decoding section and what generation takes: a decoding that
+    cannot run is a recipe error naming its section, before anything loads."""
+    from dskd.generation import DecodingConfig as used_by_generation
+
+    assert used_by_generation is DecodingConfig
+    with pytest.raises(ConfigError, match="generate.decoding: greedy decoding returns one sequence per input"):
+        load_recipe(CONFIGS / "seq2seq.yaml", ["generate.decoding.strategy=greedy"])
+    with pytest.raises(ConfigError, match="distill.student_decoding: beam search returns at most num_beams=2"):
+        load_recipe(CONFIGS / "seq2seq.yaml", ["distill.student_decoding={strategy: beam, num_beams: 2, "
+                                               "num_return_sequences: 3}"])

@@ -32,7 +32,6 @@ from dskd.evaluate import (
     most_common_target,
     samples_table,
 )
-from dskd.generation import DecodingConfig
 from dskd.layout import student_dir, teacher_model_path
 from dskd.models import detect_arch, load_model
 from dskd.teachers import teacher_for
@@ -68,7 +67,7 @@ def run_evaluate(recipe: Recipe, *, parent_run_id: str | None = None, tracker: T
     if dist.is_main:
         task = load_task(recipe, True, needed=("labeled", *cfg.splits))
         tokenizer = teacher_for(recipe).tokenizer(recipe, task)
-        decoding = DecodingConfig(**cfg.decoding.model_dump())
+        decoding = cfg.decoding
         models = _models_to_evaluate(recipe)
         tracker = tracker or Tracker(recipe.tracking, recipe.run.output_dir)
         with tracker.run("evaluate", parent_id=parent_run_id, tags={"dskd.stage": "evaluate",

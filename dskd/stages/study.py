@@ -32,7 +32,6 @@ from dskd.data.pt_store import PTStore
 from dskd.data.task import TaskData, load_task
 from dskd.engines import init_distributed
 from dskd.evaluate import EfficiencyConfig, constant_baseline, efficiency, evaluate_generations, rouge_per_example
-from dskd.generation import DecodingConfig
 from dskd.layout import content_key, pt_store_dir, read_done, stage_dir, stage_key
 from dskd.models import detect_arch, load_model
 from dskd.stages.generate import run_generate
@@ -60,7 +59,7 @@ class Scorer:
         cfg = self.recipe.evaluate
         model = load_model(spec, path=str(path)).to(self.device).eval()
         encoder = Encoder(self.tokenizer, Formatting.from_data(self.recipe.data, detect_arch(model.config)))
-        decoding = DecodingConfig(**cfg.decoding.model_dump())
+        decoding = cfg.decoding
         splits = {}
         for split in cfg.splits:
             rows = self.task.require(split)

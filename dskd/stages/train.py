@@ -244,7 +244,7 @@ class TrainingStage:
         self.engine.train()  # from_pretrained returns eval mode: dropout must be on while training
         self.model = self.engine.module.hf_model
         self.synced_gpus = self.engine.zero_optimization_partition_weights() and dist.world_size > 1
-        student_decoding = (DecodingConfig(**recipe.distill.student_decoding.model_dump())
+        student_decoding = (recipe.distill.student_decoding
                             if self.stage == "distill" else None)
         self.phases = [
             Phase(s.name, loss_config(s.loss_settings, ce_only=s.ce_only), s.teacher, pool, n, recipe.run.seed + i,
@@ -294,7 +294,7 @@ class TrainingStage:
 
     def _tags(self) -> dict[str, str]:
         recipe = self.recipe
-        teacher = (teacher_model_path(recipe) if self.stage == "distill"
+        teacher = (self.primary.identity(recipe) if self.stage == "distill"
                    else recipe.teacher.path or f"config:{recipe.teacher.model_type}")
         tags = {"dskd.stage": self.stage, "dskd.data_fingerprint": self.task.fingerprint, "dskd.teacher": str(teacher)}
         if self.pts is not None:
