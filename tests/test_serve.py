@@ -351,6 +351,25 @@ def test_the_runner_scores_distinct_prompts_once_and_in_chunks(causal_dir, tiny_
         assert out.prompt_scores.top_ids.shape == (len(out.prompt_scores.token_ids) - 1, 2)
 
 
+def test_a_scoring_request_takes_its_one_greedy_token_from_the_scoring_forward(causal_dir, tiny_tokenizer):
+    """max_tokens=1 at temperature 0 with prompt_logprobs (what a training client sends): no generate() pass, and
+    the token and its log-prob are the ones generate() picks."""
+    runner = TeacherRunner(ServeConfig(model=str(causal_dir), max_input_tokens=64, max_tokens_cap=2, max_batch=4))
+    ids = scored_ids(tiny_tokenizer)
+    prompts = [ids, ids[:7], ids[2:9]]
+    generated = runner.run([SampleRow(p, 0.0, 1.0, 0, 1, 0, i) for i, p in enumerate(prompts)])
+    passes = []
+    generate = runner._generate
+    runner._generate = lambda rows: passes.append(len(rows)) or generate(rows)
+    scored = runner.run([SampleRow(p, 0.0, 1.0, 0, 1, 0, i, 3) for i, p in enumerate(prompts)])
+    assert passes == []
+    for plain, answer in zip(generated, scored):
+        assert answer.text == plain.text and answer.finish_reason == plain.finish_reason
+        assert [t.logprob for t in answer.tokens] == pytest.approx([t.logprob for t in plain.tokens], rel=1e-3)
+    sampled = runner.run([SampleRow(ids, 1.0, 1.0, 0, 1, 0, 0, 3)])  # a sampled token still goes to generate()
+    assert passes == [1] and sampled[0].prompt_scores is not None
+
+
 @pytest.mark.parametrize("body, words", [
     ({"prompt": [5, 6, 7], "prompt_logprobs": 6}, ["prompt_logprobs=6", "limit of 5", "--max-logprobs"]),
     ({"prompt": [5, 6, 7], "logprobs": 6}, ["logprobs=6", "--max-logprobs"]),

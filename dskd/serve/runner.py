@@ -78,6 +78,8 @@ class PromptScores:
     ranks: torch.Tensor  # [L-1], 1-based
     top_ids: torch.Tensor  # [L-1, k]
     top_logprobs: torch.Tensor  # [L-1, k]
+    next_id: int = 0  # the greedy continuation after the whole prompt, and its log-prob
+    next_logprob: float = 0.0
 
 
 @dataclass
@@ -199,25 +201,36 @@ class TeacherRunner:
     # -- generation
 
     def run(self, rows: list[SampleRow]) -> list[SampleOut]:
-        out: list[SampleOut] = []
-        for start in range(0, len(rows), self.cfg.max_batch):
-            out.extend(self._generate(rows[start:start + self.cfg.max_batch]))
-        # prompt scoring: each distinct prompt once, with the largest k any of its rows asked for
+        """Rows to sample go through generate(); prompt scoring runs each distinct prompt once (with the largest
+        k any of its rows asked for). A scoring request's one greedy token (max_tokens=1, temperature 0, as
+        training clients send) comes from the scoring forward itself: no second pass over the prompt."""
+        scores = self._score_distinct(rows)
+        out: list[SampleOut | None] = [None] * len(rows)
+        sampled = [i for i, row in enumerate(rows) if not _answered_by_scoring(row)]
+        for start in range(0, len(sampled), self.cfg.max_batch):
+            chunk = sampled[start:start + self.cfg.max_batch]
+            for i, sample in zip(chunk, self._generate([rows[i] for i in chunk])):
+                out[i] = sample
+        for i, row in enumerate(rows):
+            if out[i] is None:
+                prompt = scores[tuple(row.prompt_ids)]
+                out[i] = self._row_output(0, row, [prompt.next_id], [prompt.next_logprob], None)
+            if row.prompt_logprobs is not None:
+                out[i].prompt_scores = scores[tuple(row.prompt_ids)]
+        return out
+
+    def _score_distinct(self, rows: list[SampleRow]) -> dict[tuple[int, ...], PromptScores]:
         wanted: dict[tuple[int, ...], int] = {}
         for row in rows:
             if row.prompt_logprobs is not None:
                 key = tuple(row.prompt_ids)
                 wanted[key] = max(wanted.get(key, 0), row.prompt_logprobs)
-        if wanted:
-            prompts = list(wanted)
-            scores: dict[tuple[int, ...], PromptScores] = {}
-            for start in range(0, len(prompts), self.cfg.max_batch):
-                chunk = prompts[start:start + self.cfg.max_batch]
-                scores.update(zip(chunk, self.score_prompts([list(p) for p in chunk], [wanted[p] for p in chunk])))
-            for row, sample in zip(rows, out):
-                if row.prompt_logprobs is not None:
-                    sample.prompt_scores = scores[tuple(row.prompt_ids)]
-        return out
+        prompts = list(wanted)
+        scores: dict[tuple[int, ...], PromptScores] = {}
+        for start in range(0, len(prompts), self.cfg.max_batch):
+            chunk = prompts[start:start + self.cfg.max_batch]
+            scores.update(zip(chunk, self.score_prompts([list(p) for p in chunk], [wanted[p] for p in chunk])))
+        return scores
 
     @torch.no_grad()
     def score_prompts(self, prompts: list[list[int]], ks: list[int]) -> list[PromptScores]:
@@ -235,6 +248,8 @@ class TeacherRunner:
             mask[b, :len(p)] = 1
         # right padding: every real token keeps positions 0..len-1, and causal attention never sees the pads
         logits = self.model(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device)).logits
+        last = torch.log_softmax(logits[torch.arange(len(prompts)), torch.tensor(lengths) - 1].float(), -1)
+        next_logprob, next_id = (t.cpu().tolist() for t in last.max(-1))
         # the logits at position i-1 score token i: (prompt, position) pairs of every real token but the first
         rows = torch.tensor([b for b, n in enumerate(lengths) for _ in range(n - 1)], dtype=torch.long)
         cols = torch.tensor([i for n in lengths for i in range(n - 1)], dtype=torch.long)
@@ -265,7 +280,7 @@ class TeacherRunner:
         for p, n in zip(prompts, lengths):
             end = start + n - 1
             out.append(PromptScores(list(p), token_lp[start:end], token_rank[start:end], top_ids[start:end],
-                                    top_lp[start:end]))
+                                    top_lp[start:end], next_id[len(out)], next_logprob[len(out)]))
             start = end
         return out
 
@@ -306,6 +321,10 @@ class TeacherRunner:
         if token_id not in self._pieces:
             self._pieces[token_id] = piece_in_context(self.tokenizer, token_id, self._anchor)
         return self._pieces[token_id]
+
+
+def _answered_by_scoring(row: SampleRow) -> bool:
+    return row.prompt_logprobs is not None and row.max_tokens == 1 and row.temperature == 0 and not row.top_logprobs
 
 
 def apply_stop(sample: SampleOut, stops: list[str]) -> SampleOut:
