@@ -365,7 +365,9 @@ def test_a_scoring_request_takes_its_one_greedy_token_from_the_scoring_forward(c
     assert passes == []
     for plain, answer in zip(generated, scored):
         assert answer.text == plain.text and answer.finish_reason == plain.finish_reason
-        assert [t.logprob for t in answer.tokens] == pytest.approx([t.logprob for t in plain.tokens], rel=1e-3)
+        # left-padded generate() vs the right-padded scoring pass: the same math in another layout, and this
+        # model's logits are scaled x40, which magnifies the rounding
+        assert [t.logprob for t in answer.tokens] == pytest.approx([t.logprob for t in plain.tokens], abs=2e-3)
     sampled = runner.run([SampleRow(ids, 1.0, 1.0, 0, 1, 0, 0, 3)])  # a sampled token still goes to generate()
     assert passes == [1] and sampled[0].prompt_scores is not None
 
