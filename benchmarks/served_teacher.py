@@ -426,11 +426,7 @@ def run(paths, variant: str, ratio: float, args, rundir: Path, url: str | None =
         server_pid: int | None = None) -> dict:
     name = f"{variant}-r{ratio:g}"
     out_dir = rundir / "runs" / name
-    report = out_dir.with_suffix(".json")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(out_dir, ignore_errors=True)  # a finished stage with the same recipe would be reused
-    for stale in (report, Path(str(report) + ".extra.json")):
-        stale.unlink(missing_ok=True)
+    report = vs_trl.fresh_run(out_dir, ".extra.json")
     recipe = recipe_for(paths, variant, ratio, args.steps, out_dir, rundir / "teacher_cache" / variant, url,
                         args.top_k)
     cmd = [sys.executable, __file__, "--child", "--recipe", recipe, "--report", str(report)]
@@ -484,12 +480,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="ratio 0.5, 8 steps, 128 train pairs, 2 profile reps")
     parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "dskd-bench" / "vs_trl"),
                         help="vs_trl's setup (reused); this benchmark's runs go under <workdir>/served_teacher")
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--recipe", help=argparse.SUPPRESS)
-    parser.add_argument("--report", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.child:
-        child(args.recipe, args.report)
+    args = vs_trl.parse_or_run_child(parser, child)
+    if args is None:
         return
     if args.quick:
         args.ratios, args.steps, args.train_pairs, args.profile_reps = "0.5", 8, 128, 2

@@ -130,11 +130,7 @@ def run(paths: dict[str, Path], k: int | None, seed: int, steps: int, workdir: P
     """One `dskd distill` child; vs_trl.run_child's bookkeeping (exit status, ru_maxrss, load) for our recipe."""
     name = f"{'local' if k is None else f'k{k}'}-s{seed}"
     out_dir = workdir / "runs" / name
-    report = out_dir.with_suffix(".json")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(out_dir, ignore_errors=True)  # a finished stage with the same recipe would be reused
-    for stale in (report, Path(str(report) + ".cache.json")):
-        stale.unlink(missing_ok=True)
+    report = vs_trl.fresh_run(out_dir, ".cache.json")
     recipe = recipe_for(paths, k, seed, steps, out_dir, cache_dir(workdir, k))
     cmd = [sys.executable, __file__, "--child", "--recipe", recipe, "--report", str(report)]
     data = vs_trl.run_logged(cmd, out_dir.with_suffix(".log"), workdir, threads, report, name)
@@ -201,12 +197,8 @@ def main() -> None:
                         "torch's default, one per core)")
     parser.add_argument("--quick", action="store_true", help="k 8,64, seed 1, 10 steps, the first 320 train pairs")
     parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "dskd-bench" / "vs_trl"))
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--recipe", help=argparse.SUPPRESS)
-    parser.add_argument("--report", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.child:
-        child(args.recipe, args.report)
+    args = vs_trl.parse_or_run_child(parser, child)
+    if args is None:
         return
     if args.quick:
         args.ks, args.seeds, args.steps, args.train_pairs = "8,64", "1", 10, 320

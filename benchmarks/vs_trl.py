@@ -550,6 +550,30 @@ def run_child(side: str, mode: str, paths: dict[str, Path], steps: int, workdir:
     return data
 
 
+def fresh_run(out_dir: Path, extra: str) -> Path:
+    """Empty a child run's directory and its reports (a finished stage with the same recipe would be reused);
+    returns its report path (the child writes the report and report + `extra`)."""
+    report = out_dir.with_suffix(".json")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    for stale in (report, Path(str(report) + extra)):
+        stale.unlink(missing_ok=True)
+    return report
+
+
+def parse_or_run_child(parser: argparse.ArgumentParser, child) -> argparse.Namespace | None:
+    """For benchmarks whose runs are `dskd distill` children of this file's kind (`--child --recipe R --report F`):
+    run the child and return None when this process is one, else the parsed arguments."""
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--recipe", help=argparse.SUPPRESS)
+    parser.add_argument("--report", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.recipe, args.report)
+        return None
+    return args
+
+
 def run_logged(cmd: list[str], log: Path, workdir: Path, threads: int | None, report: Path, what: str) -> dict:
     """A benchmark child process, its output in `log`: its JSON `report` plus launched/finished (epoch s), peak
     RSS (KiB, ru_maxrss) and the load average when it started."""
