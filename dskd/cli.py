@@ -7,6 +7,7 @@
     dskd demo [--quick]                                 all of the above on the embedded docstring task
     dskd study [--config RECIPE] [--quick]              the paper's comparison: variants x seeds, one report
     dskd serve-teacher --model DIR [--port P ...]       a local model as an OpenAI-compatible endpoint
+    dskd plan --config RECIPE --nodes N --gpus-per-node G --gpu-memory 80GiB   placements, memory, time (no weights)
 
 Every user error is one line on stderr, `dskd: error: <what, where (file:line / recipe key), what to do>`, and
 exit code 2: recipe errors, missing paths, bad data (`DataError` is a `ConfigError`). The recipe, the paths the
@@ -101,7 +102,22 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="recipe overrides")
     serve_help = "serve a local Hugging Face model as an OpenAI-compatible endpoint (black-box teacher)"
     add_serve_arguments(sub.add_parser("serve-teacher", help=serve_help, description=serve_help))
+    _add_plan_arguments(sub)
     return parser
+
+
+def _add_plan_arguments(sub) -> None:
+    plan_help = "per-rank GPU memory and step time of every placement of `dskd distill`, from configs only"
+    p = sub.add_parser("plan", help=plan_help, description=plan_help)
+    p.add_argument("--config", required=True, help="YAML recipe (model directories may hold only config.json)")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=1)
+    p.add_argument("--gpu-memory", required=True, help="per GPU, e.g. 80GiB")
+    p.add_argument("--cpu-memory", help="per node, e.g. 1TiB (default: not checked)")
+    p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilization (default 0.4)")
+    p.add_argument("--gpu-tflops", type=float, default=989.0, help="peak dense TFLOP/s per GPU (989: H100 bf16)")
+    p.add_argument("--all", action="store_true", help="list every placement, not only the useful ones")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="recipe overrides")
 
 
 def _quiet_libraries(rank: int) -> None:
@@ -147,6 +163,13 @@ def main(argv: list[str] | None = None) -> int:
         preemption.say_on_interrupt("serve-teacher stopped by Ctrl-C")  # uvicorn stops, then re-raises it
         try:
             return serve_main(args)
+        except ConfigError as exc:
+            return _user_error(exc)
+    if args.stage == "plan":  # configs only: no torch, DeepSpeed or weights
+        from dskd.plan import run_plan
+
+        try:
+            return run_plan(args)
         except ConfigError as exc:
             return _user_error(exc)
 

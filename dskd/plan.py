@@ -1,0 +1,906 @@
+"""`dskd plan`: will this distillation fit, where, and how long will it take? Decided before any weight loads.
+
+The teacher's and student's shapes come from their configs only (a directory holding just config.json is enough:
+plan before you download), via `transformers.AutoConfig`; nothing imports torch or DeepSpeed. For every placement
+(student ZeRO stage x optimizer offload x activation checkpointing x micro-batch; teacher replicated / ZeRO-3 /
+parameter offload / 8-bit / 4-bit / served / cached) the per-rank peak GPU memory of `dskd distill` is a sum of
+named terms, each a small function below whose docstring states its formula and source, and the step time is
+FLOPs / (GPUs x peak TFLOP/s x MFU), or the communication time when that is longer.
+
+Estimates, not measurements: DeepSpeed's own allocator, fragmentation and kernels differ by some percent, so a
+plan within ~10% of the budget is marked tight. Constants and assumptions are module-level names, printed with
+the report.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from dskd.config import ConfigError, ModelConfig, Recipe
+
+GiB = 1 << 30
+GB = 10**9
+
+# --- stated constants (assumptions; each is printed in the report) --------------------------------------------
+RUNTIME_OVERHEAD_BYTES = 2 * GiB  # CUDA context (~0.5-1 GiB), NCCL buffers, allocator fragmentation, per rank
+REDUCE_BUCKET = 5e8  # DeepSpeed default reduce_bucket_size (elements; ds_configs/zero2.json)
+ALLGATHER_BUCKET = 5e8  # DeepSpeed default allgather_bucket_size (elements), ZeRO-1/2
+PREFETCH_BUCKET = 5e7  # DeepSpeed stage3_prefetch_bucket_size (elements; ds_configs/zero3.json)
+LOSS_BUFFERS = 6  # fused loss: 2 [chunk, V] fp32 buffers + up to 4 [block, V] scratch blocks (GPU: block = chunk)
+INTRA_NODE_GBPS = 150.0  # per-GPU all-gather/reduce-scatter bus bandwidth inside a node (NVLink), GB/s
+INTER_NODE_GBPS = 25.0  # per-GPU bandwidth across nodes (200 Gb/s InfiniBand per GPU), GB/s
+PCIE_GBPS = 25.0  # host <-> GPU, per GPU, GB/s (PCIe 4/5 x16, effective)
+CPU_ADAM_PARAMS_PER_S = 2e9  # DeepSpeedCPUAdam updates per second per node (all its cores)
+DECODE_EFFICIENCY = 0.25  # sampling runs at this fraction of the training MFU (decoding is memory-bound)
+ASSUMED_EXAMPLES = 10_000  # labeled inputs assumed when data.labeled is not a readable file
+TIGHT = 0.9  # a plan above this share of the GPU budget is marked tight
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+QUANT_BYTES = {"8bit": 1.0, "4bit": 0.5 + 4 / 64}  # per linear weight; 4-bit: + fp32 absmax per 64-block
+
+# Llama-shaped decoder families whose parameter count is exact here (their configs use the Llama field names).
+LLAMA_LIKE = {"llama", "mistral", "qwen2"}
+T5_LIKE = {"t5", "mt5"}
+GPT2_LIKE = {"gpt2"}
+
+
+# ------------------------------------------------------------------------------------------------ shapes
+
+
+@dataclass(frozen=True)
+class ParamCount:
+    """Parameters by kind. `linear`: weights of the transformer layers' Linear modules (what 8-/4-bit quantizes);
+    `other`: norms, biases, relative-position tables; `embedding` (+ learned `positions`) and an untied `head`."""
+
+    embedding: int
+    positions: int
+    linear: int
+    other: int
+    head: int
+
+    @property
+    def total(self) -> int:
+        return self.embedding + self.positions + self.linear + self.other + self.head
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the plan needs of a model: its dimensions and parameter count (`exact`: the count follows this
+    family's modelling code; otherwise a Llama-style estimate from the standard config fields)."""
+
+    model_type: str
+    arch: str  # causal | seq2seq
+    vocab: int
+    hidden: int
+    layers: int  # decoder layers (the whole stack for decoder-only models)
+    encoder_layers: int  # 0 for decoder-only
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    gated: bool
+    max_positions: int | None
+    params: ParamCount
+    exact: bool = True
+
+    @property
+    def all_layers(self) -> int:
+        return self.layers + self.encoder_layers
+
+    @property
+    def largest_layer(self) -> int:
+        """Parameters of one decoder layer (what ZeRO-3 gathers at a time)."""
+        return (self.params.linear + self.params.other) // max(1, self.all_layers)
+
+
+def _get(cfg, *names, default=None):
+    for name in names:
+        value = getattr(cfg, name, None)
+        if value is not None:
+            return value
+    return default
+
+
+def count_llama(cfg) -> tuple[ParamCount, dict]:
+    """Llama/Mistral/Qwen2: embed V*h; per layer q h*(H*d), k,v h*(Hkv*d) each, o (H*d)*h, gated MLP 3*h*I,
+    2 RMSNorms 2h (+ q/k/v biases for Qwen2 or attention_bias, MLP biases for mlp_bias); final norm h; head V*h
+    unless tied. Source: transformers' modeling_llama.py / modeling_qwen2.py."""
+    h, layers, heads = cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads
+    kv = _get(cfg, "num_key_value_heads", default=heads)
+    d = _get(cfg, "head_dim", default=h // heads)
+    inter, vocab = cfg.intermediate_size, cfg.vocab_size
+    qkv_bias = cfg.model_type == "qwen2" or bool(getattr(cfg, "attention_bias", False))
+    attn = h * heads * d + 2 * h * kv * d + heads * d * h
+    mlp = 3 * h * inter
+    bias = (heads * d + 2 * kv * d) * qkv_bias + (h if getattr(cfg, "attention_bias", False) else 0)
+    bias += (2 * inter + h) if getattr(cfg, "mlp_bias", False) else 0
+    tied = bool(getattr(cfg, "tie_word_embeddings", False))
+    params = ParamCount(embedding=vocab * h, positions=0, linear=layers * (attn + mlp),
+                        other=layers * (bias + 2 * h) + h,
+                        head=0 if tied else vocab * h)
+    return params, dict(heads=heads, kv_heads=kv, head_dim=d, intermediate=inter, gated=True, layers=layers,
+                        encoder_layers=0, max_positions=_get(cfg, "max_position_embeddings"))
+
+
+def count_gpt2(cfg) -> tuple[ParamCount, dict]:
+    """GPT-2: wte V*h, wpe P*h; per layer c_attn h*3h+3h, c_proj h*h+h, c_fc h*I+I, mlp c_proj I*h+h (I = n_inner
+    or 4h), 2 LayerNorms 4h; ln_f 2h; head tied to wte. Source: transformers' modeling_gpt2.py."""
+    h, layers, vocab, pos = cfg.n_embd, cfg.n_layer, cfg.vocab_size, cfg.n_positions
+    inter = cfg.n_inner or 4 * h
+    linear = 3 * h * h + h * h + 2 * h * inter
+    other = 3 * h + h + inter + h + 4 * h
+    tied = bool(getattr(cfg, "tie_word_embeddings", True))
+    params = ParamCount(embedding=vocab * h, positions=pos * h, linear=layers * linear, other=layers * other + 2 * h,
+                        head=0 if tied else vocab * h)
+    return params, dict(heads=cfg.n_head, kv_heads=cfg.n_head, head_dim=h // cfg.n_head, intermediate=inter,
+                        gated=False, layers=layers, encoder_layers=0, max_positions=pos)
+
+
+def count_t5(cfg) -> tuple[ParamCount, dict]:
+    """T5/mT5: shared embedding V*d; encoder layer: self-attention 4*d*(H*dkv) + FF (gated: 3, else 2)*d*dff + 2
+    LayerNorms d; decoder layer: + cross-attention 4*d*(H*dkv) + LayerNorm d; relative bias buckets*H in each
+    stack's first block; final norms d each; head V*d unless tied. Source: transformers' modeling_t5.py."""
+    d, inner, dff = cfg.d_model, cfg.num_heads * cfg.d_kv, cfg.d_ff
+    enc, dec = cfg.num_layers, _get(cfg, "num_decoder_layers", default=cfg.num_layers)
+    gated = bool(getattr(cfg, "is_gated_act", False))
+    ff = (3 if gated else 2) * d * dff
+    linear = enc * (4 * d * inner + ff) + dec * (8 * d * inner + ff)
+    rel = cfg.relative_attention_num_buckets * cfg.num_heads
+    other = enc * 2 * d + dec * 3 * d + 2 * d + (rel if enc else 0) + (rel if dec else 0)
+    tied = bool(getattr(cfg, "tie_word_embeddings", True))
+    params = ParamCount(embedding=cfg.vocab_size * d, positions=0, linear=linear, other=other,
+                        head=0 if tied else cfg.vocab_size * d)
+    return params, dict(heads=cfg.num_heads, kv_heads=cfg.num_heads, head_dim=cfg.d_kv, intermediate=dff,
+                        gated=gated, layers=dec, encoder_layers=enc, max_positions=None)
+
+
+def count_generic(cfg) -> tuple[ParamCount, dict]:
+    """Any other decoder-only config with the standard fields: the Llama formula (an estimate, marked so)."""
+    try:
+        return count_llama(cfg)
+    except (AttributeError, TypeError) as exc:
+        raise ConfigError(f"model_type {cfg.model_type!r}: dskd plan cannot read its shape from the config ({exc}); "
+                          f"supported: {', '.join(sorted(LLAMA_LIKE | T5_LIKE | GPT2_LIKE))}"
+                          " and Llama-style configs (hidden_size, num_hidden_layers, num_attention_heads, "
+                          "intermediate_size)") from None
+
+
+def shape_of(cfg) -> Shape:
+    """The Shape of a transformers config object (no weights)."""
+    model_type = getattr(cfg, "model_type", "") or ""
+    if model_type in T5_LIKE:
+        params, dims = count_t5(cfg)
+    elif model_type in GPT2_LIKE:
+        params, dims = count_gpt2(cfg)
+    elif getattr(cfg, "is_encoder_decoder", False):
+        raise ConfigError(f"model_type {model_type!r}: dskd plan counts encoder-decoder models of the T5 family "
+                          "only (t5, mt5)")
+    else:
+        params, dims = count_llama(cfg) if model_type in LLAMA_LIKE else count_generic(cfg)
+    hidden = _get(cfg, "hidden_size", "d_model", "n_embd")
+    return Shape(model_type=model_type, arch="seq2seq" if dims["encoder_layers"] else "causal",
+                 vocab=cfg.vocab_size, hidden=hidden, params=params,
+                 exact=model_type in LLAMA_LIKE | T5_LIKE | GPT2_LIKE, **dims)
+
+
+def _config_from_path(path: str, role: str, trust_remote_code: bool):
+    from transformers import AutoConfig  # config classes only: no torch import, no weights
+
+    p = Path(path).expanduser()
+    if p.is_dir() and not (p / "config.json").is_file():
+        raise ConfigError(f"{role}.path={path}: no config.json there (dskd plan reads only the model's config)")
+    try:
+        return AutoConfig.from_pretrained(str(p) if p.is_dir() else path, trust_remote_code=trust_remote_code,
+                                          local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"{role}.path={path}: cannot read its config.json ({first})") from None
+
+
+def _config_for_model(model_type: str, kwargs: dict, role: str):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.for_model(model_type, **kwargs)
+    except ValueError:
+        raise ConfigError(f"{role}.model_type={model_type!r} is not a model type transformers knows "
+                          "(e.g. llama, t5, gpt2, qwen2, mistral)") from None
+
+
+_LAYER_KEYS = {("seq2seq", "encoder"): ["encoder_layers", "num_layers"],
+               ("seq2seq", "decoder"): ["decoder_layers", "num_decoder_layers"],
+               ("causal", "decoder"): ["num_hidden_layers", "n_layer"]}
+
+
+def model_config(spec: ModelConfig, role: str, teacher_cfg=None):
+    """The transformers config a recipe's model section describes: pretrained (config.json at `path`, the
+    recipe's `config` overrides applied), config (model_type + config), prune (the teacher's config with the
+    kept layers, as dskd.models.prune_layers sets them)."""
+    if spec.init == "config":
+        if not spec.model_type:
+            raise ConfigError(f"{role}.init=config needs {role}.model_type (e.g. t5, bart, llama, gpt2)")
+        return _config_for_model(spec.model_type, dict(spec.config), role)
+    if spec.init == "prune":
+        import copy
+
+        if teacher_cfg is None:
+            raise ConfigError(f"{role}.init=prune needs the teacher's config (teacher.path)")
+        cfg = copy.deepcopy(teacher_cfg)
+        arch = "seq2seq" if getattr(cfg, "is_encoder_decoder", False) else "causal"
+        for side, keep in (("encoder", spec.prune.encoder_layers), ("decoder", spec.prune.decoder_layers)):
+            if keep is None:
+                continue
+            if side == "encoder" and arch != "seq2seq":
+                raise ConfigError(f"{role}.prune.encoder_layers: a decoder-only model has no encoder")
+            key = next((k for k in _LAYER_KEYS[(arch, side)] if k in cfg.to_dict()), None)
+            if key is None:
+                raise ConfigError(f"cannot find the {side} layer count in {type(cfg).__name__}")
+            total = getattr(cfg, key)
+            if not keep or len(set(keep)) != len(keep) or any(not 0 <= i < total for i in keep):
+                raise ConfigError(f"{role}.prune.{side}_layers={keep}: need distinct indices in [0, {total})")
+            setattr(cfg, key, len(keep))
+        return cfg
+    if not spec.path:
+        raise ConfigError(f"{role}.path is not set: give a directory holding the model's config.json (or "
+                          f"{role}.init=config with {role}.model_type)")
+    cfg = _config_from_path(spec.path, role, spec.trust_remote_code)
+    for key, value in spec.config.items():  # overrides (e.g. dropout); shapes are not meant to change here
+        setattr(cfg, key, value)
+    return cfg
+
+
+def recipe_shapes(recipe: Recipe) -> tuple[Shape, Shape]:
+    """(teacher, student) shapes of a recipe, read from configs only. The teacher's config is read even when it
+    is served (the FLOPs of scoring still matter for the report, and a pruned student needs it)."""
+    teacher_cfg = model_config(recipe.teacher, "teacher") if (recipe.teacher.path or recipe.teacher.init == "config") \
+        else None
+    student_cfg = model_config(recipe.student, "student", teacher_cfg)
+    if teacher_cfg is None:
+        raise ConfigError("teacher.path is not set: dskd plan needs the teacher's config.json (the directory may "
+                          "hold only config.json)")
+    return shape_of(teacher_cfg), shape_of(student_cfg)
+
+
+# ------------------------------------------------------------------------------------------------ the job
+
+
+@dataclass(frozen=True)
+class Cluster:
+    nodes: int
+    gpus_per_node: int
+    gpu_memory: int  # bytes per GPU
+    cpu_memory: int | None  # bytes per node (None: not checked)
+    tflops: float  # peak dense TFLOP/s per GPU in the training dtype
+    mfu: float
+
+    @property
+    def world(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What one distillation step processes, from the recipe."""
+
+    causal: bool
+    input_tokens: int  # prompt (encoder input for seq2seq)
+    target_tokens: int
+    samples_per_rank_step: int  # micro_batch_size x grad_accum of the recipe (kept by every placement)
+    jt_ratio: float  # Joint-Teaching share of micro-batches
+    jt_new_tokens: int
+    student_dtype: str
+    teacher_dtype: str
+    chunk_size: int
+    eager_attention: bool
+
+    @property
+    def seq(self) -> int:
+        """Tokens per sequence through the student: prompt + target (decoder-only) or both sides (seq2seq)."""
+        return self.input_tokens + self.target_tokens
+
+
+@dataclass(frozen=True)
+class Placement:
+    zero_stage: int
+    offload_optimizer: bool
+    checkpointing: bool
+    micro_batch: int
+    grad_accum: int
+    teacher: str  # replicated | zero3 | offload | 8bit | 4bit | served | cached
+
+    def label(self) -> str:
+        return (f"Z{self.zero_stage}{'+off' if self.offload_optimizer else ''} {'ckpt' if self.checkpointing else '-'}"
+                f" mb{self.micro_batch}x{self.grad_accum} T:{self.teacher}")
+
+
+TEACHER_PLACEMENTS = ("replicated", "zero3", "offload", "8bit", "4bit", "cached", "served", "none")  # none: loss=ce
+
+
+# --------------------------------------------------------------------------- memory terms (bytes per rank)
+
+
+def student_weights_bytes(n: int, dtype: str, stage: int, ranks: int) -> float:
+    """Student weights: n x dtype bytes (2 for bf16/fp16, 4 for fp32), divided by the data-parallel ranks at ZeRO-3
+    only. Source: Rajbhandari et al. 2020 (ZeRO), Sec. 5 / Fig. 1."""
+    return n * DTYPE_BYTES[dtype] / (ranks if stage == 3 else 1)
+
+
+def gradient_bytes(n: int, dtype: str, stage: int, ranks: int, offload: bool = False) -> float:
+    """Gradients: n x dtype bytes, divided by the ranks at ZeRO-2 and ZeRO-3 (stage 0/1 keep all of them); with
+    offload_optimizer 0 beyond the reduce bucket (counted in the DeepSpeed buffers): each reduced bucket's
+    partition is copied to CPU memory at once. Source: ZeRO, Sec. 5 (P_os+g); ZeRO-Offload (Ren et al. 2021), Sec. 4."""
+    if offload:
+        return 0.0
+    return n * DTYPE_BYTES[dtype] / (ranks if stage >= 2 else 1)
+
+
+def optimizer_bytes(n: int, dtype: str, stage: int, ranks: int, offload: bool) -> float:
+    """AdamW state: mixed precision (bf16/fp16) 12 bytes/param (fp32 master weights + 2 fp32 moments), fp32 training
+    8 bytes/param (2 moments); divided by the ranks at ZeRO-1/2/3; 0 on the GPU with offload_optimizer (it lives in
+    CPU memory). Source: ZeRO, Sec. 3.1 (K = 12) and ZeRO-Offload (Ren et al. 2021)."""
+    if offload:
+        return 0.0
+    return n * (12 if dtype != "fp32" else 8) / (ranks if stage >= 1 else 1)
+
+
+def layer_activation_bytes_per_token(shape: Shape, seq: int, eager_attention: bool, cross_tokens: int = 0) -> float:
+    """One transformer layer's stored activations per token, 16-bit: Korthikanti et al. 2022 (Reducing Activation
+    Recomputation, Sec. 4.1) s*b*h*(34 + 5*a*s/h), generalized to GQA and gated MLPs: attention 2h (QKV input) +
+    4q (Q, attention output) + 4kv (K, V) + h (dropout mask); MLP 2h + 8I gated (gate, up, act, product) or 2h + 4I
+    (GeLU input, fc2 input) + h (mask); 2 norms 4h. For MHA and I = 4h this is 34h. The 5*a*s softmax term is
+    stored only with eager attention (SDPA/flash kernels keep O(s)). A decoder layer with cross-attention adds
+    2h + 4q + h + 2h per token and 4kv per encoder token (`cross_tokens`, amortized over `seq`)."""
+    h, q, kv = shape.hidden, shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    attn = 2 * h + 4 * q + 4 * kv + h
+    mlp = 2 * h + (8 * shape.intermediate if shape.gated else 4 * shape.intermediate) + h
+    per_token = attn + mlp + 4 * h
+    if eager_attention:
+        per_token += 5 * shape.heads * seq
+    if cross_tokens:
+        per_token += 2 * h + 4 * q + h + 2 * h + 4 * kv * cross_tokens / max(1, seq)
+    return per_token
+
+
+def activation_bytes(shape: Shape, work: Workload, micro_batch: int, checkpointing: bool) -> float:
+    """The student's stored activations for one micro-batch: sum over layers of the per-layer formula above x
+    tokens (x2 for fp32). With activation checkpointing: one hidden state per layer (2h bytes per token) plus one
+    layer's full activations (recomputed in backward). Source: Korthikanti et al. 2022, Sec. 4.1 and 5 (full
+    recomputation keeps 2sbh per layer)."""
+    scale = DTYPE_BYTES[work.student_dtype] / 2
+    stacks = _stacks(shape, work)
+    if checkpointing:
+        kept = sum(layers * tokens * 2 * shape.hidden for layers, tokens, _, _ in stacks)
+        one = max(layer_activation_bytes_per_token(shape, seq, work.eager_attention, cross) * tokens
+                  for layers, tokens, seq, cross in stacks if layers)
+        return scale * micro_batch * (kept + one)
+    full = sum(layers * tokens * layer_activation_bytes_per_token(shape, seq, work.eager_attention, cross)
+               for layers, tokens, seq, cross in stacks)
+    return scale * micro_batch * full
+
+
+def _stacks(shape: Shape, work: Workload) -> list[tuple[int, int, int, int]]:
+    """(layers, tokens per sequence, attention length, cross-attended tokens) per stack."""
+    if shape.arch == "seq2seq":
+        return [(shape.encoder_layers, work.input_tokens, work.input_tokens, 0),
+                (shape.layers, work.target_tokens, work.target_tokens, work.input_tokens)]
+    return [(shape.layers, work.seq, work.seq, 0)]
+
+
+def loss_workspace_bytes(shape: Shape, work: Workload, micro_batch: int) -> float:
+    """The fused KD loss (dskd/losses/fused.py docstring): LOSS_BUFFERS (6) x [chunk, V] fp32 buffers, chunk =
+    min(chunk_size, target tokens of the micro-batch), + the fp32 dW accumulator V*h*4 + for a 16-bit head its
+    [V, h] gradient in that dtype + the grad w.r.t. the target hidden states (tokens*h*4)."""
+    targets = micro_batch * work.target_tokens
+    chunk = min(work.chunk_size, targets)
+    head = shape.vocab * shape.hidden
+    low = DTYPE_BYTES[work.student_dtype] if work.student_dtype != "fp32" else 0
+    return LOSS_BUFFERS * chunk * shape.vocab * 4 + head * 4 + head * low + targets * shape.hidden * 4
+
+
+def teacher_weight_bytes(shape: Shape, mode: str, dtype: str, ranks: int, jt_live: bool) -> float:
+    """The teacher's weights on a training rank: replicated n x dtype; ZeRO-3 n x dtype / ranks + one gathered
+    layer + the prefetch bucket; parameter offload: only the gathered layer + prefetch bucket (the rest in CPU
+    memory); 8-/4-bit: the layers' Linear weights at 1 / 0.5625 bytes (bitsandbytes; 4-bit with an fp32 absmax per
+    64 weights), embeddings, head and norms in dtype; served: 0; cached: 0 unless Joint-Teaching needs it live
+    (then replicated). Source: ZeRO-3 / ZeRO-Infinity (Rajbhandari et al. 2021), bitsandbytes docs."""
+    b, p = DTYPE_BYTES[dtype], shape.params
+    live = (shape.largest_layer + PREFETCH_BUCKET) * b
+    if mode in ("served", "none") or (mode == "cached" and not jt_live):
+        return 0.0
+    if mode in ("replicated", "cached"):
+        return p.total * b
+    if mode == "zero3":
+        return p.total * b / ranks + live
+    if mode == "offload":
+        return live
+    return p.linear * QUANT_BYTES[mode] + (p.total - p.linear) * b
+
+
+def teacher_activation_bytes(shape: Shape, work: Workload, micro_batch: int, mode: str, jt_live: bool) -> float:
+    """The teacher's forward for one micro-batch under no_grad: nothing is kept for backward, so the peak is one
+    layer's activations (the per-layer formula) + its input and output hidden states (2 x 2h per token) + the final
+    hidden states handed to the loss. 0 when the teacher is not on the training ranks."""
+    if mode in ("served", "none") or (mode == "cached" and not jt_live):
+        return 0.0
+    scale = DTYPE_BYTES[work.teacher_dtype] / 2
+    stacks = _stacks(shape, work)
+    one = max(layer_activation_bytes_per_token(shape, seq, work.eager_attention, cross) * tokens
+              for layers, tokens, seq, cross in stacks if layers)
+    hidden = sum(tokens for _, tokens, _, _ in stacks) * 6 * shape.hidden
+    return scale * micro_batch * (one + hidden)
+
+
+def kv_cache_bytes(shape: Shape, work: Workload, micro_batch: int, samples: int = 1) -> float:
+    """Joint-Teaching's student sampling: 2 (K and V) x layers x kv_heads x head_dim x (prompt + max_new_tokens) x
+    batch x samples x dtype bytes (one sample per input; the micro-batch is sampled at once). 0 without
+    Joint-Teaching. Source: the standard KV-cache size."""
+    if work.jt_ratio <= 0:
+        return 0.0
+    length = (work.input_tokens + work.jt_new_tokens) if shape.arch == "causal" else work.jt_new_tokens
+    kv = 2 * shape.layers * shape.kv_heads * shape.head_dim * length * micro_batch * samples * DTYPE_BYTES[
+        work.student_dtype]
+    if shape.arch == "seq2seq":  # cross-attention K/V of the encoder output
+        kv += 2 * shape.layers * shape.kv_heads * shape.head_dim * work.input_tokens * micro_batch * samples * \
+            DTYPE_BYTES[work.student_dtype]
+    return kv
+
+
+def deepspeed_buffer_bytes(shape: Shape, n: int, dtype: str, stage: int) -> float:
+    """DeepSpeed's communication buffers at its defaults (ds_configs/): ZeRO-0/1/2 a reduce bucket (5e8 elements)
+    and, at 1/2, an all-gather bucket (5e8), each capped at the model size; ZeRO-3 the reduce bucket + prefetch
+    bucket (5e7) + one gathered layer; all in the training dtype; + RUNTIME_OVERHEAD_BYTES (CUDA context, NCCL,
+    fragmentation). Source: DeepSpeed config docs (zero_optimization defaults)."""
+    b = DTYPE_BYTES[dtype]
+    if stage == 3:
+        buffers = (min(REDUCE_BUCKET, n) + PREFETCH_BUCKET + shape.largest_layer) * b
+    else:
+        buffers = (min(REDUCE_BUCKET, n) + (min(ALLGATHER_BUCKET, n) if stage in (1, 2) else 0)) * b
+    return buffers + RUNTIME_OVERHEAD_BYTES
+
+
+def memory_terms(teacher: Shape, student: Shape, work: Workload, cluster: Cluster, p: Placement) -> dict[str, float]:
+    """Per-rank peak GPU bytes of `dskd distill` with placement `p`, as named terms (their sum is the peak)."""
+    n, ranks, dt = student.params.total, cluster.world, work.student_dtype
+    jt_live = work.jt_ratio > 0
+    return {
+        "student weights": student_weights_bytes(n, dt, p.zero_stage, ranks),
+        "gradients": gradient_bytes(n, dt, p.zero_stage, ranks, p.offload_optimizer),
+        "optimizer": optimizer_bytes(n, dt, p.zero_stage, ranks, p.offload_optimizer),
+        "activations": activation_bytes(student, work, p.micro_batch, p.checkpointing),
+        "loss workspace": loss_workspace_bytes(student, work, p.micro_batch),
+        "teacher weights": teacher_weight_bytes(teacher, p.teacher, work.teacher_dtype, ranks, jt_live),
+        "teacher activations": teacher_activation_bytes(teacher, work, p.micro_batch, p.teacher, jt_live),
+        "kv cache": kv_cache_bytes(student, work, p.micro_batch),
+        "deepspeed buffers": deepspeed_buffer_bytes(student, n, dt, p.zero_stage),
+    }
+
+
+def cpu_bytes_per_node(teacher: Shape, student: Shape, work: Workload, cluster: Cluster, p: Placement) -> float:
+    """Host memory per node for what is offloaded: optimizer offload keeps fp32 master + 2 moments + fp32 gradients
+    (16 bytes/param) partitioned over the ranks, so n*16/nodes per node; teacher parameter offload keeps its
+    weights partitioned likewise (n_T x dtype / nodes)."""
+    total = 0.0
+    if p.offload_optimizer:
+        total += student.params.total * 16 / cluster.nodes
+    if p.teacher == "offload":
+        total += teacher.params.total * DTYPE_BYTES[work.teacher_dtype] / cluster.nodes
+    return total
+
+
+# ------------------------------------------------------------------------------------------------ time
+
+
+def step_seconds(teacher: Shape, student: Shape, work: Workload, cluster: Cluster, p: Placement) -> dict[str, float]:
+    """One optimizer step (every rank: micro_batch x grad_accum sequences). Compute: FLOPs = (6 N_S (8 N_S with
+    checkpointing: the forward runs twice) + 2 N_T when the teacher runs here) x tokens, + Joint-Teaching sampling
+    2 N_S x (prompt + new tokens) per sampled sequence at DECODE_EFFICIENCY; time = FLOPs / (GPUs x TFLOP/s x MFU)
+    (Kaplan et al. 2020 / Narayanan et al. 2021). Communication per step (ZeRO paper, Sec. 7): ZeRO-0/1 all-reduce
+    2 x 2N_S bytes once, ZeRO-2 reduce-scatter per micro-batch, ZeRO-3 3 x N_S x bytes per micro-batch, a ZeRO-3
+    teacher all-gathers N_T x bytes per micro-batch; assumed overlapped with compute (the step takes the longer
+    of the two). Not overlapped: optimizer offload (PCIe 4 N_S bytes + CPU Adam) and teacher parameter offload
+    (PCIe N_T x bytes / ranks per micro-batch)."""
+    world = cluster.world
+    seqs = work.samples_per_rank_step * world
+    tokens = seqs * work.seq
+    n_s, n_t = student.params.total, teacher.params.total
+    jt_live = work.jt_ratio > 0
+    teacher_here = p.teacher not in ("served", "none") and (p.teacher != "cached" or jt_live)
+    teacher_tokens = tokens * (work.jt_ratio if p.teacher == "cached" else 1.0)
+    flops = (8 if p.checkpointing else 6) * n_s * tokens + (2 * n_t * teacher_tokens if teacher_here else 0)
+    rate = world * cluster.tflops * 1e12 * cluster.mfu
+    compute = flops / rate
+    sampled = seqs * work.jt_ratio
+    sampling = 2 * n_s * sampled * (work.input_tokens + work.jt_new_tokens) / (rate * DECODE_EFFICIENCY)
+    bw = (INTER_NODE_GBPS if cluster.nodes > 1 else INTRA_NODE_GBPS) * GB
+    frac = (world - 1) / world if world > 1 else 0.0
+    b_s, b_t = DTYPE_BYTES[work.student_dtype], DTYPE_BYTES[work.teacher_dtype]
+    per_mb = {0: 0, 1: 0, 2: n_s * b_s, 3: 3 * n_s * b_s}[p.zero_stage]
+    comm_bytes = per_mb * p.grad_accum + (2 * n_s * b_s if p.zero_stage < 2 else 0)
+    if p.teacher in ("zero3", "offload"):
+        comm_bytes += n_t * b_t * p.grad_accum
+    comm = comm_bytes * frac / bw
+    offload = 0.0
+    if p.offload_optimizer:
+        offload += 4 * n_s / world / (PCIE_GBPS * GB) + n_s / cluster.nodes / CPU_ADAM_PARAMS_PER_S
+    if p.teacher == "offload":
+        offload += n_t * b_t / world / (PCIE_GBPS * GB) * p.grad_accum
+    return {"compute": compute, "sampling": sampling, "communication": comm, "offload": offload,
+            "step": max(compute + sampling, comm) + offload}
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def count_rows(source: str | None) -> int | None:
+    """Rows of a data file without parsing it: JSONL lines, CSV lines - 1, a Parquet footer; None when the file
+    is missing or of another kind (a `datasets` name)."""
+    if not source:
+        return None
+    path = Path(source)
+    if not path.is_file():
+        return None
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+
+            return pq.ParquetFile(path).metadata.num_rows
+        except Exception:  # noqa: BLE001 - no pyarrow or a bad footer: fall back to the assumption
+            return None
+    if suffix in (".jsonl", ".csv", ".tsv"):
+        with path.open("rb") as fh:
+            lines = sum(1 for line in fh if line.strip())
+        return max(0, lines - (1 if suffix in (".csv", ".tsv") else 0))
+    if suffix == ".json":
+        import json
+
+        try:
+            data = json.loads(path.read_text(encoding="utf-8-sig"))
+        except (OSError, ValueError):
+            return None
+        return len(data) if isinstance(data, list) else None
+    return None
+
+
+@dataclass
+class JobSize:
+    labeled: int
+    unlabeled: int
+    assumed: list[str] = field(default_factory=list)
+
+
+def job_size(recipe: Recipe) -> JobSize:
+    """Labeled / unlabeled inputs from the data files (capped by data.max_examples), or assumptions, stated."""
+    assumed: list[str] = []
+    counts = {}
+    for split in ("labeled", "unlabeled"):
+        source = getattr(recipe.data, split)
+        rows = count_rows(source)
+        if rows is None and source:
+            rows = ASSUMED_EXAMPLES if split == "labeled" else ASSUMED_EXAMPLES
+            assumed.append(f"data.{split}: {source} not readable here, assumed {rows} rows")
+        elif rows is None:
+            rows = 0
+            if split == "labeled":
+                rows = ASSUMED_EXAMPLES
+                assumed.append(f"data.labeled: not set (embedded task or none), assumed {rows} rows")
+        cap = getattr(recipe.data.max_examples, split)
+        counts[split] = min(rows, cap) if cap is not None else rows
+    return JobSize(counts["labeled"], counts["unlabeled"], assumed)
+
+
+# ------------------------------------------------------------------------------------------------ the plan
+
+
+@dataclass
+class Row:
+    placement: Placement
+    terms: dict[str, float]
+    cpu_bytes: float
+    times: dict[str, float]
+    fits: bool
+    why_not: str = ""
+
+    @property
+    def peak(self) -> float:
+        return sum(self.terms.values())
+
+
+@dataclass
+class Plan:
+    recipe: Recipe
+    cluster: Cluster
+    teacher: Shape
+    student: Shape
+    work: Workload
+    rows: list[Row]
+    size: JobSize
+    notes: list[str]
+
+    @property
+    def best(self) -> Row | None:
+        """Fits and keeps the teacher on these GPUs (or its cache), fastest; ties -> less memory. Plans with
+        TIGHT (10%) headroom win over tighter ones (estimates are not exact), and an exact teacher over a
+        quantized one (8-bit, then 4-bit change the signal the student learns from): quantization is chosen
+        only when nothing exact fits. A served teacher needs GPUs elsewhere, so it is shown and suggested,
+        never chosen."""
+        candidates = [r for r in self.rows if r.fits and r.placement.teacher != "served"]
+        if not candidates:
+            return None
+        roomy = [r for r in candidates if r.peak <= TIGHT * self.cluster.gpu_memory]
+        lossy = {"8bit": 1, "4bit": 2}
+        return min(roomy or candidates,
+                   key=lambda r: (lossy.get(r.placement.teacher, 0), round(r.times["step"], 3), r.peak))
+
+
+def parse_bytes(text: str, what: str) -> int:
+    """'80GiB', '80GB', '80G' (= GiB), '1TiB', '512MiB', or a plain number of bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?)B?\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise ConfigError(f"{what}={text!r}: give a size such as 80GiB, 80GB or 1TiB")
+    value, unit, binary = float(m.group(1)), m.group(2).upper(), m.group(3)
+    power = " KMGT".index(unit or " ")
+    base = 1024 if (binary or (unit and not text.strip().upper().endswith("B"))) else 1000
+    result = int(value * base**power)
+    if result <= 0:
+        raise ConfigError(f"{what}={text!r}: must be more than 0")
+    return result
+
+
+def workload(recipe: Recipe, teacher: Shape, student: Shape) -> Workload:
+    d = recipe.distill
+    causal = student.arch == "causal"
+    work = Workload(causal=causal, input_tokens=recipe.data.max_input_tokens,
+                    target_tokens=recipe.data.max_target_tokens,
+                    samples_per_rank_step=d.micro_batch_size * d.grad_accum, jt_ratio=d.student_pt_ratio,
+                    jt_new_tokens=d.student_decoding.max_new_tokens, student_dtype=recipe.student.dtype,
+                    teacher_dtype=recipe.teacher.dtype, chunk_size=d.chunk_size,
+                    eager_attention=recipe.student.attn_implementation == "eager")
+    for role, shape in (("teacher", teacher), ("student", student)):
+        length = work.seq if shape.arch == "causal" else None
+        if length and shape.max_positions and length > shape.max_positions:
+            raise ConfigError(f"data.max_input_tokens + data.max_target_tokens = {length} tokens exceeds the {role}'s "
+                              f"max_position_embeddings={shape.max_positions} ({shape.model_type}); lower them")
+    if teacher.vocab != student.vocab and recipe.distill.loss == "kd":
+        notes = f"teacher vocab {teacher.vocab} != student vocab {student.vocab}"
+        if abs(teacher.vocab - student.vocab) > 1024:
+            raise ConfigError(f"{notes}: logits KD needs one vocabulary (heads padded by a few rows are fine)")
+    return work
+
+
+def placements(recipe: Recipe, cluster: Cluster) -> list[Placement]:
+    d = recipe.distill
+    per_step = d.micro_batch_size * d.grad_accum
+    mbs = [m for m in (2**i for i in range(12)) if m <= d.micro_batch_size and per_step % m == 0]
+    if d.micro_batch_size not in mbs:
+        mbs.append(d.micro_batch_size)
+    jt = d.student_pt_ratio > 0
+    teachers = [t for t in TEACHER_PLACEMENTS if t != "none" and not (t == "cached" and jt)] \
+        if recipe.distill.loss == "kd" else \
+        ["none"]  # distill.loss=ce reads no teacher
+    out = []
+    for stage in (0, 1, 2, 3):
+        for offload in ((False, True) if stage >= 2 else (False,)):
+            for ckpt in (False, True):
+                for mb in mbs:
+                    for teacher in teachers:
+                        out.append(Placement(stage, offload, ckpt, mb, math.ceil(per_step / mb), teacher))
+    return out
+
+
+def make_plan(recipe: Recipe, cluster: Cluster) -> Plan:
+    """Every placement's memory terms and step time for `dskd distill` on `cluster`."""
+    if cluster.nodes < 1 or cluster.gpus_per_node < 1:
+        raise ConfigError(f"--nodes {cluster.nodes} --gpus-per-node {cluster.gpus_per_node}: need at least 1 of each")
+    if not 0 < cluster.mfu <= 1:
+        raise ConfigError(f"--mfu {cluster.mfu}: a fraction in (0, 1], e.g. 0.4")
+    if cluster.tflops <= 0:
+        raise ConfigError(f"--gpu-tflops {cluster.tflops}: must be more than 0 (e.g. 989 for an H100 in bf16)")
+    if cluster.gpu_memory < RUNTIME_OVERHEAD_BYTES:
+        raise ConfigError(f"--gpu-memory {cluster.gpu_memory / GiB:.2f} GiB is below the runtime overhead alone "
+                          f"({RUNTIME_OVERHEAD_BYTES / GiB:.0f} GiB: CUDA context, NCCL); give the GPU's memory, "
+                          "e.g. 80GiB")
+    teacher, student = recipe_shapes(recipe)
+    work = workload(recipe, teacher, student)
+    notes = []
+    for role, shape in (("teacher", teacher), ("student", student)):
+        if not shape.exact:
+            notes.append(f"{role} model_type {shape.model_type!r}: parameters estimated with the Llama formula")
+    rows = []
+    for p in placements(recipe, cluster):
+        terms = memory_terms(teacher, student, work, cluster, p)
+        cpu = cpu_bytes_per_node(teacher, student, work, cluster, p)
+        why = ""
+        if sum(terms.values()) > cluster.gpu_memory:
+            why = "GPU memory"
+        elif cluster.cpu_memory is not None and cpu > cluster.cpu_memory:
+            why = "CPU memory"
+        rows.append(Row(p, terms, cpu, step_seconds(teacher, student, work, cluster, p), not why, why))
+    return Plan(recipe, cluster, teacher, student, work, rows, job_size(recipe), notes)
+
+
+# ------------------------------------------------------------------------------------------------ job time
+
+
+def job_seconds(plan: Plan, row: Row) -> dict[str, float]:
+    """PT generation (teacher: 2 N_T x (prompt + new tokens) per PT at DECODE_EFFICIENCY x MFU on all GPUs; 0 when
+    an endpoint writes them), the teacher cache build when cached (2 N_T x tokens, one pass over every training
+    sequence), and distillation (steps = ceil(examples per epoch x epochs / global batch), or max_steps)."""
+    r, c, size = plan.recipe, plan.cluster, plan.size
+    rate = c.world * c.tflops * 1e12 * c.mfu
+    dec = r.generate.decoding
+    pt_inputs = sum(getattr(size, s) for s in r.generate.splits) if "teacher_pt" in r.distill.sources else 0
+    gen = 0.0
+    if not r.pts_from_server and pt_inputs:
+        gen = 2 * plan.teacher.params.total * pt_inputs * dec.num_return_sequences * (
+            r.data.max_input_tokens + dec.max_new_tokens) / (rate * DECODE_EFFICIENCY)
+    per_epoch = (size.labeled if "gold" in r.distill.sources else 0) + (
+        sum(getattr(size, s) for s in r.distill.pt_splits) if "teacher_pt" in r.distill.sources else 0)
+    global_batch = plan.work.samples_per_rank_step * c.world
+    steps = r.distill.max_steps or math.ceil(per_epoch * (r.distill.epochs + r.distill.final_ce_epochs) / global_batch)
+    cache = 0.0
+    if row.placement.teacher == "cached":
+        cache = 2 * plan.teacher.params.total * per_epoch * min(r.distill.epochs, dec.num_return_sequences) * \
+            plan.work.seq / rate
+    return {"generate": gen, "teacher cache": cache, "distill": steps * row.times["step"], "steps": steps}
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+def overrides(p: Placement) -> list[str]:
+    """The recipe keys that select placement `p` (`key=value`, as on the command line)."""
+    lines = [f"distill.zero_stage={p.zero_stage}", f"distill.offload_optimizer={str(p.offload_optimizer).lower()}",
+             f"student.gradient_checkpointing={str(p.checkpointing).lower()}",
+             f"distill.micro_batch_size={p.micro_batch}", f"distill.grad_accum={p.grad_accum}"]
+    teacher = {"replicated": ("local", "false", "false", "none"), "zero3": ("local", "true", "false", "none"),
+               "offload": ("local", "true", "true", "none"), "8bit": ("local", "false", "false", "8bit"),
+               "4bit": ("local", "false", "false", "4bit"), "cached": ("cached", "false", "false", "none"),
+               "served": ("served", "false", "false", "none"), "none": None}[p.teacher]
+    if teacher is None:  # distill.loss=ce: no teacher in distillation
+        return lines
+    lines += [f"teacher.signal={teacher[0]}", f"teacher.shard={teacher[1]}", f"teacher.offload={teacher[2]}",
+              f"teacher.quantization={teacher[3]}"]
+    return lines
+
+
+def suggestions(plan: Plan) -> list[str]:
+    """When nothing fits here: what would, concretely (each checked by planning it)."""
+    out = []
+    c = plan.cluster
+    served = [r for r in plan.rows if r.fits and r.placement.teacher == "served"]
+    if served:
+        s = min(served, key=lambda r: (r.times["step"], r.peak))
+        out.append(f"serve the teacher on other GPUs (teacher.signal=served + generate.endpoint, vLLM or dskd "
+                   f"serve-teacher): the student then fits at {s.peak / GiB:.1f} GiB/rank with {s.placement.label()}")
+    for factor in (2, 4, 8, 16, 32, 64):
+        more = replace(c, nodes=c.nodes * factor) if c.gpus_per_node >= 8 else \
+            replace(c, gpus_per_node=c.gpus_per_node * factor)
+        if more.gpus_per_node > 8:
+            more = replace(c, gpus_per_node=8, nodes=math.ceil(c.world * factor / 8))
+        bigger = make_plan(plan.recipe, more)
+        if bigger.best:
+            b = bigger.best
+            out.append(f"more GPUs: {more.nodes} node(s) x {more.gpus_per_node} ({more.world} GPUs) fit with "
+                       f"{b.placement.label()} at {b.peak / GiB:.1f} GiB/rank")
+            break
+    cpu_bound = [r for r in plan.rows if r.why_not == "CPU memory" and r.placement.teacher != "served"]
+    if cpu_bound:
+        r = min(cpu_bound, key=lambda r: (r.times["step"], r.cpu_bytes))
+        out.append(f"more host memory: {r.cpu_bytes / GiB:.0f} GiB per node (offload) fits {r.placement.label()} at "
+                   f"{r.peak / GiB:.1f} GiB/rank, step {_fmt_s(r.times['step'])}")
+    smallest = min((r for r in plan.rows if r.placement.teacher != "served"), key=lambda r: r.peak)
+    over = smallest.peak - c.gpu_memory
+    terms = sorted(smallest.terms.items(), key=lambda kv: -kv[1])[:3]
+    if over > 0:
+        out.append(f"the smallest placement ({smallest.placement.label()}) needs {smallest.peak / GiB:.1f} GiB/rank, "
+                   f"{over / GiB:.1f} GiB over; its largest terms: "
+                   + ", ".join(f"{k} {v / GiB:.1f} GiB" for k, v in terms))
+    if plan.work.jt_ratio > 0 and plan.recipe.distill.loss == "kd":
+        out.append("Joint-Teaching keeps the teacher live; distill.student_pt_ratio=0 would allow "
+                   "teacher.signal=cached")
+    return out
+
+
+def _fmt_s(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    if seconds < 3 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} d"
+
+
+def _pareto(rows: list[Row]) -> list[Row]:
+    """Fitting rows not beaten on both step time and memory by another fitting row, per teacher placement."""
+    keep = []
+    for r in rows:
+        if not any(o is not r and o.times["step"] <= r.times["step"] and o.peak <= r.peak
+                   and (o.times["step"], o.peak) != (r.times["step"], r.peak) for o in rows):
+            keep.append(r)
+    return keep
+
+
+def render(plan: Plan, all_rows: bool = False) -> str:
+    c, t, s, w = plan.cluster, plan.teacher, plan.student, plan.work
+    lines = [f"dskd plan: {c.nodes} node(s) x {c.gpus_per_node} GPU(s) = {c.world} ranks, "
+             f"{c.gpu_memory / GiB:.1f} GiB GPU memory each" +
+             (f", {c.cpu_memory / GiB:.0f} GiB CPU memory per node" if c.cpu_memory else "") +
+             f"; {c.tflops:g} TFLOP/s x MFU {c.mfu:g}",
+             f"teacher: {t.model_type} {t.params.total / 1e9:.3f}B params ({t.all_layers} layers, hidden {t.hidden}, "
+             f"{t.heads}/{t.kv_heads} heads, vocab {t.vocab}), {w.teacher_dtype}",
+             f"student: {s.model_type} {s.params.total / 1e9:.3f}B params ({s.all_layers} layers, hidden {s.hidden}, "
+             f"{s.heads}/{s.kv_heads} heads, vocab {s.vocab}), {w.student_dtype}",
+             f"sequence: {w.input_tokens} prompt + {w.target_tokens} target tokens; {w.samples_per_rank_step} "
+             f"sequences per rank per step (global batch {w.samples_per_rank_step * c.world}); Joint-Teaching "
+             f"ratio {w.jt_ratio:g}", *[f"note: {n}" for n in plan.notes], ""]
+    fitting = [r for r in plan.rows if r.fits]
+    shown = plan.rows
+    if not all_rows:  # the useful rows: the trade-off frontier, + each teacher placement's best (or smallest)
+        shown = _pareto([r for r in fitting if r.placement.teacher != "served"])
+        for teacher in TEACHER_PLACEMENTS:
+            mine = [r for r in plan.rows if r.placement.teacher == teacher]
+            fit = [r for r in mine if r.fits]
+            if mine:
+                shown.append(min(fit, key=lambda r: (r.times["step"], r.peak)) if fit
+                             else min(mine, key=lambda r: r.peak))
+        shown = sorted({id(r): r for r in shown}.values(), key=lambda r: (not r.fits, r.times["step"], r.peak))
+    header = f"{'placement':<34} {'GiB/rank':>8} {'fits':>5} {'step':>9}  {'largest terms (GiB)'}"
+    lines += [f"placements: {len(plan.rows)} enumerated, {len(fitting)} fit; shown: "
+              + ("all" if all_rows else "fitting ones no other beats on both time and memory, + per teacher "
+                 "placement its fastest fitting (else smallest) one; --all lists every one"),
+              header, "-" * len(header)]
+    for r in shown:
+        top = ", ".join(f"{k} {v / GiB:.1f}" for k, v in sorted(r.terms.items(), key=lambda kv: -kv[1])[:3])
+        fits = ("yes" if r.peak <= TIGHT * c.gpu_memory else "tight") if r.fits else "no"
+        why = f" ({r.why_not})" if r.why_not and r.why_not != "GPU memory" else ""
+        lines.append(f"{r.placement.label():<34} {r.peak / GiB:>8.1f} {fits:>5} {_fmt_s(r.times['step']):>9}  "
+                     f"{top}{why}")
+    lines.append("")
+    best = plan.best
+    if best is None:
+        host = f" and {c.cpu_memory / GiB:.0f} GiB host memory per node" if c.cpu_memory else ""
+        lines.append(f"fits nowhere: no placement with the teacher on these {c.world} GPU(s) stays within "
+                     f"{c.gpu_memory / GiB:.1f} GiB per rank{host}. What would:")
+        lines += [f"  - {x}" for x in suggestions(plan)]
+        return "\n".join(lines)
+    job = job_seconds(plan, best)
+    lines.append(f"best plan: {best.placement.label()}: {best.peak / GiB:.1f} GiB/rank "
+                 f"({best.peak / c.gpu_memory:.0%} of the GPU), step {_fmt_s(best.times['step'])} "
+                 f"(compute {_fmt_s(best.times['compute'])}, sampling {_fmt_s(best.times['sampling'])}, "
+                 f"communication {_fmt_s(best.times['communication'])}, offload {_fmt_s(best.times['offload'])})")
+    lines.append("memory terms (GiB/rank): " + ", ".join(f"{k} {v / GiB:.2f}" for k, v in best.terms.items()))
+    if best.cpu_bytes:
+        lines.append(f"CPU memory per node: {best.cpu_bytes / GiB:.1f} GiB" +
+                     ("" if c.cpu_memory else " (not checked: pass --cpu-memory)"))
+    total = job["generate"] + job["teacher cache"] + job["distill"]
+    lines.append(f"job: {plan.size.labeled} labeled + {plan.size.unlabeled} unlabeled inputs; PT generation "
+                 f"{_fmt_s(job['generate'])}" + (f", teacher cache {_fmt_s(job['teacher cache'])}"
+                                                 if job["teacher cache"] else "") +
+                 f", distillation {job['steps']} steps {_fmt_s(job['distill'])}; total {_fmt_s(total)}")
+    for a in plan.size.assumed:
+        lines.append(f"assumed: {a}")
+    lines.append("assumed: " + ", ".join([f"MFU {c.mfu:g}", f"decoding at {DECODE_EFFICIENCY:g} x MFU",
+                                          f"{INTRA_NODE_GBPS:g} GB/s in-node, {INTER_NODE_GBPS:g} GB/s across nodes",
+                                          f"runtime overhead {RUNTIME_OVERHEAD_BYTES / GiB:g} GiB/rank"]))
+    lines += ["", "recipe overrides (best plan):", *overrides(best.placement)]
+    return "\n".join(lines)
+
+
+def run_plan(args: Any) -> int:
+    """`dskd plan`: the CLI entry (args from dskd.cli). Prints the report; 0 when a plan fits, 1 when none does."""
+    from dskd.config import load_recipe
+
+    overrides_ = list(getattr(args, "overrides", []) or [])
+    recipe = load_recipe(args.config, overrides_)
+    cluster = Cluster(nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+                      gpu_memory=parse_bytes(args.gpu_memory, "--gpu-memory"),
+                      cpu_memory=parse_bytes(args.cpu_memory, "--cpu-memory") if args.cpu_memory else None,
+                      tflops=args.gpu_tflops, mfu=args.mfu)
+    plan = make_plan(recipe, cluster)
+    print(render(plan, all_rows=getattr(args, "all", False)))
+    return 0 if plan.best else 1

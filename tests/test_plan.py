@@ -1,0 +1,223 @@
+"""`dskd plan`: shapes from config.json only, parameter counts equal to real models', ZeRO partitioning math,
+activation terms, fitting and not fitting a 70B -> 8B Llama-3-shaped job, and one-line errors on bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dskd.config import ConfigError, load_recipe
+from dskd.plan import (GiB, Cluster, Placement, activation_bytes, gradient_bytes, layer_activation_bytes_per_token,
+                       make_plan, memory_terms, optimizer_bytes, parse_bytes, recipe_shapes, render, shape_of,
+                       student_weights_bytes, workload)
+
+TINY = [
+    ("llama", dict(hidden_size=64, intermediate_size=176, num_hidden_layers=3, num_attention_heads=8,
+                   num_key_value_heads=2, vocab_size=1000)),
+    ("llama", dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=4, vocab_size=1000, tie_word_embeddings=True, attention_bias=True,
+                   mlp_bias=True)),
+    ("qwen2", dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, vocab_size=1000)),
+    ("gpt2", dict(n_embd=64, n_layer=3, n_head=4, vocab_size=1000, n_positions=128, bos_token_id=0,
+                  eos_token_id=0)),
+    ("t5", dict(d_model=64, d_ff=128, d_kv=16, num_heads=4, num_layers=3, num_decoder_layers=2, vocab_size=1000)),
+    ("t5", dict(d_model=64, d_ff=128, d_kv=16, num_heads=4, num_layers=2, num_decoder_layers=1, vocab_size=1000,
+                feed_forward_proj="gated-gelu", tie_word_embeddings=False)),
+]
+LLAMA3_70B = dict(hidden_size=8192, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
+                  intermediate_size=28672, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0)
+LLAMA3_8B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                 intermediate_size=14336, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0)
+
+
+def _config(model_type: str, kwargs: dict):
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(model_type, **kwargs)
+
+
+@pytest.mark.parametrize("model_type,kwargs", TINY, ids=[f"{m}-{i}" for i, (m, _) in enumerate(TINY)])
+def test_param_count_equals_meta_device_model(model_type, kwargs):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    cfg = _config(model_type, kwargs)
+    with torch.device("meta"):
+        model = (AutoModelForSeq2SeqLM if cfg.is_encoder_decoder else AutoModelForCausalLM).from_config(cfg)
+    assert shape_of(cfg).params.total == sum(p.numel() for p in model.parameters())
+
+
+def test_llama3_parameter_counts():
+    """The published sizes: Llama-3-70B 70.55B, Llama-3-8B 8.03B parameters."""
+    assert shape_of(_config("llama", LLAMA3_70B)).params.total == 70_553_706_496
+    assert shape_of(_config("llama", LLAMA3_8B)).params.total == 8_030_261_248
+
+
+def test_zero_partitioning_hand_computed():
+    n, ranks = 1_000_000_000, 8
+    # stage 0: everything on every rank: 2 + 2 + 12 bytes/param in bf16 mixed precision
+    assert (student_weights_bytes(n, "bf16", 0, ranks), gradient_bytes(n, "bf16", 0, ranks),
+            optimizer_bytes(n, "bf16", 0, ranks, False)) == (2e9, 2e9, 12e9)
+    # stage 1: only the optimizer state is partitioned
+    assert (student_weights_bytes(n, "bf16", 1, ranks), gradient_bytes(n, "bf16", 1, ranks),
+            optimizer_bytes(n, "bf16", 1, ranks, False)) == (2e9, 2e9, 1.5e9)
+    # stage 2: + gradients
+    assert (student_weights_bytes(n, "bf16", 2, ranks), gradient_bytes(n, "bf16", 2, ranks),
+            optimizer_bytes(n, "bf16", 2, ranks, False)) == (2e9, 0.25e9, 1.5e9)
+    # stage 3: weights, gradients and optimizer state all divided by the ranks
+    assert (student_weights_bytes(n, "bf16", 3, ranks), gradient_bytes(n, "bf16", 3, ranks),
+            optimizer_bytes(n, "bf16", 3, ranks, False)) == (0.25e9, 0.25e9, 1.5e9)
+    # fp32 training: 4-byte weights and grads, 8 bytes of moments; offload: no optimizer state on the GPU
+    assert (student_weights_bytes(n, "fp32", 0, 1), optimizer_bytes(n, "fp32", 0, 1, False)) == (4e9, 8e9)
+    assert optimizer_bytes(n, "bf16", 2, ranks, True) == 0.0
+
+
+def _write_model(directory: Path, model_type: str, kwargs: dict) -> str:
+    _config(model_type, kwargs).save_pretrained(directory)
+    assert sorted(p.name for p in directory.iterdir()) == ["config.json"]  # no weights: plan before downloading
+    return str(directory)
+
+
+def _recipe_file(tmp_path: Path, teacher_path: str | None, student_path: str | None, name: str = "recipe",
+                 **sections) -> Path:
+    data = {"run": {"output_dir": str(tmp_path / "out")},
+            "data": {"labeled": str(tmp_path / "train.jsonl"), "max_input_tokens": 1024, "max_target_tokens": 256},
+            "teacher": {"path": teacher_path, "dtype": "bf16"}, "student": {"path": student_path, "dtype": "bf16"},
+            "generate": {"decoding": {"strategy": "sampling", "num_return_sequences": 4, "max_new_tokens": 256}},
+            "distill": {"micro_batch_size": 8, "grad_accum": 4, "student_pt_ratio": 0.5, "epochs": 4,
+                        "student_decoding": {"strategy": "sampling", "max_new_tokens": 256}}}
+    for key, value in sections.items():
+        data[key].update(value)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def llama3(tmp_path_factory) -> tuple[str, str]:
+    root = tmp_path_factory.mktemp("llama3")
+    return _write_model(root / "t70", "llama", LLAMA3_70B), _write_model(root / "s8", "llama", LLAMA3_8B)
+
+
+def test_activation_formula_and_checkpointing(tmp_path, llama3):
+    recipe = load_recipe(_recipe_file(tmp_path, *llama3))
+    teacher, student = recipe_shapes(recipe)
+    work = workload(recipe, teacher, student)
+    full = activation_bytes(student, work, 4, checkpointing=False)
+    ckpt = activation_bytes(student, work, 4, checkpointing=True)
+    assert ckpt < full / 10  # one hidden state per layer + one layer, instead of every layer's activations
+    # checkpointing: 2h bytes per token per layer + one full layer, for 4 x 1280 tokens
+    per_layer = layer_activation_bytes_per_token(student, work.seq, False)
+    assert ckpt == pytest.approx(4 * 1280 * (32 * 2 * 4096 + per_layer))
+    # Korthikanti et al.: an MHA layer with a 4h non-gated MLP stores 34h bytes per token (+5as with eager attention)
+    gpt = shape_of(_config("gpt2", dict(n_embd=64, n_layer=2, n_head=4, vocab_size=100, n_positions=512)))
+    assert layer_activation_bytes_per_token(gpt, 100, False) == 34 * 64
+    assert layer_activation_bytes_per_token(gpt, 100, True) == 34 * 64 + 5 * 4 * 100
+    terms_full = memory_terms(teacher, student, work, Cluster(1, 8, 80 * GiB, None, 989, 0.4),
+                              Placement(3, False, False, 4, 8, "4bit"))
+    terms_ckpt = memory_terms(teacher, student, work, Cluster(1, 8, 80 * GiB, None, 989, 0.4),
+                              Placement(3, False, True, 4, 8, "4bit"))
+    assert terms_ckpt["activations"] < terms_full["activations"]
+    assert {k: v for k, v in terms_ckpt.items() if k != "activations"} == \
+        {k: v for k, v in terms_full.items() if k != "activations"}
+
+
+def test_pruned_student_shape(tmp_path):
+    teacher = _write_model(tmp_path / "t", "llama", TINY[0][1])
+    path = _recipe_file(tmp_path, teacher, None, student={"init": "prune", "path": None,
+                                                          "prune": {"decoder_layers": [0, 2]}},
+                        data={"max_input_tokens": 16, "max_target_tokens": 8})
+    t, s = recipe_shapes(load_recipe(path))
+    assert (t.layers, s.layers) == (3, 2)
+    assert s.params.total == shape_of(_config("llama", {**TINY[0][1], "num_hidden_layers": 2})).params.total
+
+
+def test_70b_to_8b_on_one_gpu_fits_nowhere(tmp_path, llama3):
+    recipe = load_recipe(_recipe_file(tmp_path, *llama3))
+    plan = make_plan(recipe, Cluster(nodes=1, gpus_per_node=1, gpu_memory=80 * GiB, cpu_memory=64 * GiB,
+                                     tflops=989, mfu=0.4))
+    assert plan.best is None
+    text = render(plan)
+    assert "fits nowhere" in text
+    assert "more GPUs: 1 node(s) x" in text  # a concrete cluster size that was planned and fits
+    assert "more host memory" in text and "4bit" in text
+
+
+def test_70b_to_8b_on_4x8_finds_a_plan(tmp_path, llama3):
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"input": f"x{i}", "target": "y"}) + "\n"
+                                                  for i in range(5000)))
+    recipe = load_recipe(_recipe_file(tmp_path, *llama3))
+    plan = make_plan(recipe, Cluster(nodes=4, gpus_per_node=8, gpu_memory=80 * GiB, cpu_memory=1024 * GiB,
+                                     tflops=989, mfu=0.4))
+    best = plan.best
+    assert best is not None and best.peak <= 80 * GiB and best.placement.teacher != "served"
+    assert best.placement.teacher not in ("8bit", "4bit")  # an exact teacher fits: quantization is not chosen
+    assert best.placement.micro_batch * best.placement.grad_accum == 32  # the recipe's per-rank batch is kept
+    text = render(plan)
+    assert "best plan:" in text and "5000 labeled" in text and "assumed: data" not in text
+    assert "distill.zero_stage=" in text and "teacher.quantization=" in text
+
+
+def _run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dskd", "plan", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_cli_plan_on_config_only_directories(tmp_path):
+    teacher = _write_model(tmp_path / "teacher", "llama", dict(TINY[0][1], max_position_embeddings=2048))
+    student = _write_model(tmp_path / "student", "llama", dict(TINY[0][1], num_hidden_layers=1,
+                                                               max_position_embeddings=2048))
+    recipe = _recipe_file(tmp_path, teacher, student)
+    out = _run_cli("--config", str(recipe), "--nodes", "1", "--gpus-per-node", "2", "--gpu-memory", "24GiB",
+                   "--cpu-memory", "64GiB", "--mfu", "0.3", "--gpu-tflops", "312")
+    assert out.returncode == 0, out.stderr
+    assert "placement" in out.stdout and "GiB/rank" in out.stdout and "best plan:" in out.stdout
+    assert "recipe overrides (best plan):" in out.stdout
+    assert "assumed: data.labeled" in out.stdout  # no data file: the report says what it assumed
+    lines = out.stdout.strip().splitlines()
+    tail = lines[lines.index("recipe overrides (best plan):") + 1:]
+    assert tail and all("=" in line for line in tail)
+    load_recipe(recipe, tail)  # the overrides are valid recipe keys
+
+
+def test_plan_module_does_not_import_torch():
+    probe = "import sys, dskd.plan; print('torch' in sys.modules, 'deepspeed' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["False", "False"], out.stderr
+
+
+def test_bad_input_errors_clearly(tmp_path):
+    student = _write_model(tmp_path / "student", "llama", TINY[0][1])
+    # unknown model type (init=config)
+    bad_type = _recipe_file(tmp_path, student, student, "bad_type",
+                            teacher={"init": "config", "model_type": "nosuchmodel", "path": None})
+    with pytest.raises(ConfigError, match="nosuchmodel.*not a model type"):
+        recipe_shapes(load_recipe(bad_type))
+    # a directory without config.json, and an unreadable config.json
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="no config.json"):
+        recipe_shapes(load_recipe(_recipe_file(tmp_path, str(tmp_path / "empty"), student)))
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="cannot read its config.json"):
+        recipe_shapes(load_recipe(_recipe_file(tmp_path, str(tmp_path / "broken"), student)))
+    # sequence longer than the model's positions (gpt2 with 128 positions, 1024 + 256 tokens)
+    short = _write_model(tmp_path / "short", "gpt2", TINY[3][1])
+    with pytest.raises(ConfigError, match="exceeds the teacher's max_position_embeddings=128"):
+        make_plan(load_recipe(_recipe_file(tmp_path, short, student)), Cluster(1, 1, 80 * GiB, None, 989, 0.4))
+    # impossible budgets
+    with pytest.raises(ConfigError, match="below the runtime overhead"):
+        make_plan(load_recipe(_recipe_file(tmp_path, student, student)), Cluster(1, 1, GiB, None, 989, 0.4))
+    with pytest.raises(ConfigError, match="give a size"):
+        parse_bytes("lots", "--gpu-memory")
+    assert parse_bytes("80GiB", "x") == 80 * GiB and parse_bytes("80GB", "x") == 80 * 10**9
+    # the CLI: one line on stderr, exit 2, before anything loads
+    out = _run_cli("--config", str(bad_type), "--gpu-memory", "80GiB")
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "dskd: error:" in out.stderr, out.stderr
+    out = _run_cli("--config", str(_recipe_file(tmp_path, student, student)), "--gpu-memory", "80GiB", "--mfu", "4")
+    assert out.returncode == 2 and "--mfu 4.0" in out.stderr
