@@ -80,7 +80,11 @@ class PruneConfig(Strict):
 
 
 class ModelConfig(Strict):
-    path: str | None = None  # local Hugging Face directory (or a hub name cached on this machine)
+    path: str | None = None  # local Hugging Face directory (or a hub name cached on this machine), or a GGUF file
+    # A GGUF file inside `path` (a directory) to load, e.g. model-Q4_K_M.gguf. A GGUF (this, or `path`/`tokenizer`
+    # naming a .gguf file) is dequantized once into a cached Hugging Face directory (dskd.gguf; needs `pip install
+    # gguf`), which every later load reads.
+    gguf_file: str | None = None
     tokenizer: str | None = None  # defaults to `path`
     init: Literal["pretrained", "config", "prune"] = "pretrained"
     arch: Literal["auto", "seq2seq", "causal"] = "auto"

@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
+from dskd import gguf
 from dskd.atomic import atomic_write_text
 from dskd.config import ConfigError, Recipe
 
@@ -41,7 +42,8 @@ def checkpoint_dir(recipe: Recipe, stage: Stage) -> Path:
 def teacher_model_path(recipe: Recipe) -> str | None:
     """The teacher later stages use: the fine-tuned one when teacher.finetune, else teacher.path."""
     if not recipe.teacher.finetune:
-        return recipe.teacher.path
+        file = gguf.gguf_path(recipe.teacher.path, recipe.teacher.gguf_file)  # the file, so it is what gets hashed
+        return str(file) if file is not None else recipe.teacher.path
     tuned = stage_dir(recipe, "teacher") / "model"
     if not (tuned / "config.json").is_file():
         raise ConfigError(f"teacher.finetune is on but {tuned} does not exist yet: run `dskd teacher` first")
@@ -73,6 +75,10 @@ def stage_key(recipe: Recipe, stage: Stage) -> str:
     if stage == "distill":
         parts.update(student=recipe.student.model_dump(mode="json", exclude=RESULT_NEUTRAL),
                      distill=recipe.distill.model_dump(mode="json"), generate=recipe.generate.model_dump(mode="json"))
+    for role in ("teacher", "student") if stage == "distill" else ("teacher",):
+        spec = getattr(recipe, role)  # a GGUF file replaced at the same path is another model
+        if (weights := gguf.fingerprint(spec.path, spec.gguf_file)) is not None:
+            parts[f"{role}_gguf"] = weights
     return content_key(parts)
 
 

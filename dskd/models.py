@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 import importlib.util
 import logging
+import os
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -23,8 +25,9 @@ from transformers import (
     PreTrainedModel,
 )
 
+from dskd import gguf
 from dskd.config import ConfigError, ModelConfig, PruneConfig, check_tokenizer_source
-from dskd.config import check_model_source  # noqa: F401 (re-exported: it lived here)
+from dskd.gguf import check_model_source  # noqa: F401 (re-exported: it lived here; GGUF-aware)
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +59,36 @@ def _quantization_config(kind: str):
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
 
 
-def load_model(spec: ModelConfig, path: str | None = None, vocab_size: int | None = None) -> PreTrainedModel:
-    """Build or load one model per its spec. `path` overrides spec.path (e.g. a fine-tuned teacher)."""
+# ------------------------------------------------------------------------------------------- GGUF sources
+# A model's `path` (or `tokenizer`) may name a GGUF file, or a directory plus `gguf_file`: it is converted once into a
+# cached Hugging Face directory (dskd.gguf) and everything below loads that directory.
+
+
+def model_source(spec: ModelConfig, path: str | None = None, role: str = "model") -> str | None:
+    """The Hugging Face directory (or hub name) to load `spec`'s weights from: `path` (overriding spec.path, e.g. a
+    fine-tuned teacher), else spec.path; a GGUF is converted first. spec.gguf_file applies to spec.path only."""
     source = path or spec.path
+    if source is None:
+        return None
+    file = gguf.gguf_path(source, spec.gguf_file if _same_source(source, spec.path) else None, f"{role}.path")
+    return str(gguf.converted(file, key=f"{role}.path")) if file is not None else source
+
+
+def tokenizer_source(spec: ModelConfig, path: str | None = None, role: str = "model") -> str | None:
+    """Where load_tokenizer reads: spec.tokenizer, else `path`, else spec.path, a GGUF converted first."""
+    if spec.tokenizer:
+        file = gguf.gguf_path(spec.tokenizer, None, f"{role}.tokenizer")
+        return str(gguf.converted(file, key=f"{role}.tokenizer")) if file is not None else spec.tokenizer
+    return model_source(spec, path, role)
+
+
+def _same_source(a: str, b: str | None) -> bool:
+    return b is not None and os.path.abspath(os.path.expanduser(a)) == os.path.abspath(os.path.expanduser(b))
+
+
+def load_model(spec: ModelConfig, path: str | None = None, vocab_size: int | None = None) -> PreTrainedModel:
+    """Build or load one model per its spec. `path` overrides spec.path (e.g. a fine-tuned teacher); a GGUF
+    source loads through its cached conversion (model_source)."""
     dtype = DTYPES[spec.dtype]
     attn = attention_implementation(spec.attn_implementation)
     if spec.init == "config" and path is None:
@@ -69,6 +99,7 @@ def load_model(spec: ModelConfig, path: str | None = None, vocab_size: int | Non
         config._attn_implementation = attn
         torch_model = _auto_class(detect_arch(config)).from_config(config, dtype=dtype)
         return torch_model
+    source = model_source(spec, path)
     config = AutoConfig.from_pretrained(source, trust_remote_code=spec.trust_remote_code, **spec.config)
     kwargs = dict(
         config=config,
@@ -122,9 +153,15 @@ def _check_loading(info: dict, source: str) -> None:
 
 def load_tokenizer(spec: ModelConfig, path: str | None = None, role: str = "model"):
     """The tokenizer of `spec` (`role` names its recipe section in errors): spec.tokenizer, else `path`, else
-    spec.path. A missing one is a ConfigError naming the key, not the hub client's chain of lookups."""
-    check_tokenizer_source(spec, role, path)
-    source = spec.tokenizer or path or spec.path
+    spec.path (a GGUF: the tokenizer stored in it, from its cached conversion). A missing one is a ConfigError
+    naming the key, not the hub client's chain of lookups."""
+    source = tokenizer_source(spec, path, role)  # a GGUF is converted (or refused, naming its key) first
+    if source == (spec.tokenizer or path or spec.path):
+        check_tokenizer_source(spec, role, path)
+    elif not any((Path(source) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        key = f"{role}.tokenizer" if spec.tokenizer else f"{role}.path"
+        raise ConfigError(f"{key}={spec.tokenizer or path or spec.path}: the GGUF file has no tokenizer; set "
+                          f"{role}.tokenizer to a tokenizer directory")
     return AutoTokenizer.from_pretrained(source, trust_remote_code=spec.trust_remote_code)
 
 
