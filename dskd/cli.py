@@ -3,6 +3,7 @@
     dskd teacher  --config RECIPE [key.sub=value ...]   fine-tune the teacher on the labeled set
     dskd generate --config RECIPE [...]                 teacher pseudo-targets (K per input), resumable
     dskd distill  --config RECIPE [--resume auto]       train the student
+    dskd distill|teacher ... --plan auto                first plan the job for this machine and apply the best plan
     dskd evaluate --config RECIPE [...]                 ROUGE/BLEU + efficiency, teacher vs students
     dskd demo [--quick]                                 all of the above on the embedded docstring task
     dskd study [--config RECIPE] [--quick]              the paper's comparison: variants x seeds, one report
@@ -24,6 +25,8 @@ a recipe error, 2), 75 stopped by SIGUSR1/SIGTERM/Ctrl-C with the state saved (t
 nothing saved: a second Ctrl-C, or any Ctrl-C outside the stage's stop handler (while the command starts: `dskd:
 interrupted before anything started; nothing to save`; `serve-teacher` stopped; after the work ended), one line,
 never a traceback. `dskd serve-teacher` exits 2 on a port in use or a host it cannot bind, before the model loads.
+`--plan auto` (teacher, distill) plans after the preflight and before the heavy imports (`_auto_plan`): a job that
+fits nowhere on this machine is exit 2, one line, then the plan's lines on what would fit.
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ from importlib import resources
 from pathlib import Path
 
 from dskd import preemption
-from dskd.config import ConfigError, Recipe, check_model_source, load_recipe, to_yaml
+from dskd.config import ConfigError, Recipe, load_recipe, to_yaml
+from dskd.gguf import check_model_source  # GGUF-aware; no torch
 from dskd.data.sources import check_data_files
 from dskd.layout import clear_done_markers, student_dir, teacher_model_path
 from dskd.serve.options import add_arguments as add_serve_arguments
@@ -94,6 +98,7 @@ def _parser() -> argparse.ArgumentParser:
         if stage in ("teacher", "distill"):
             p.add_argument("--resume", choices=["auto", "never"], default="never",
                            help="auto: continue from the latest complete checkpoint in the output dir")
+            _add_auto_plan_arguments(p)
         if stage in ("generate", "distill"):
             p.add_argument("--teacher-endpoint", metavar="URL",
                            help="the teacher's OpenAI-compatible server (sets generate.endpoint.url), e.g. "
@@ -104,6 +109,18 @@ def _parser() -> argparse.ArgumentParser:
     add_serve_arguments(sub.add_parser("serve-teacher", help=serve_help, description=serve_help))
     _add_plan_arguments(sub)
     return parser
+
+
+def _add_auto_plan_arguments(p) -> None:
+    p.add_argument("--plan", choices=["auto", "never"], default="never",
+                   help="auto: before anything loads, plan this job for the machine it runs on (as `dskd plan` "
+                        "does) and apply the best plan's recipe overrides; key=value overrides given here win")
+    p.add_argument("--plan-gpu-memory", metavar="SIZE",
+                   help="memory per rank to plan for, e.g. 80GiB (default: torch.cuda's total_memory; on CPU the "
+                        "host's memory divided by the ranks per node)")
+    p.add_argument("--plan-nodes", type=int, metavar="N", help="nodes to plan for (default: from the launcher)")
+    p.add_argument("--plan-gpus-per-node", type=int, metavar="G",
+                   help="ranks per node to plan for (default: from the launcher, else 1)")
 
 
 def _add_plan_arguments(sub) -> None:
@@ -180,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"generate.endpoint.url={args.teacher_endpoint}")
     try:
         recipe = _recipe(args, overrides)
+        recipe = _auto_plan(args, recipe, overrides, rank)
         if args.stage == "study" and args.list_cells:
             print(describe(study_cells(recipe)))
             return 0
@@ -240,6 +258,28 @@ def _recipe(args, overrides: list[str]) -> Recipe | None:
     if not (getattr(args, "print_recipe", False) or getattr(args, "list_cells", False)):
         _preflight(recipe, args.stage)  # printing the recipe or the grid reads no model or data file
     return recipe
+
+
+def _auto_plan(args, recipe: Recipe | None, overrides: list[str], rank: int) -> Recipe | None:
+    """`--plan auto` (teacher, distill): plan the job for this machine (dskd.plan.machine_cluster, auto_plan), print
+    the block on rank 0, and return the recipe with the best plan's overrides under the command line's. Every rank
+    plans the same (same recipe, same environment). `--plan never` (the default): the recipe unchanged."""
+    flags = [f for f in ("plan_gpu_memory", "plan_nodes", "plan_gpus_per_node") if getattr(args, f, None) is not None]
+    if getattr(args, "plan", "never") != "auto":
+        if flags:
+            raise ConfigError(f"--{flags[0].replace('_', '-')} sizes the plan of --plan auto; add --plan auto (or "
+                              "drop it)")
+        return recipe
+    for flag in ("plan_nodes", "plan_gpus_per_node"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: need at least 1")
+    from dskd.plan import auto_plan, machine_cluster
+
+    machine = machine_cluster(args.plan_gpu_memory, args.plan_nodes, args.plan_gpus_per_node)
+    planned = auto_plan(recipe, args.stage, machine, list(args.overrides))
+    if rank == 0:
+        print(planned.text, flush=True)
+    return load_recipe(args.config, planned.applied + overrides)
 
 
 def packaged_recipe_path(name: str) -> Path:

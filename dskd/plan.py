@@ -10,6 +10,13 @@ FLOPs / (GPUs x peak TFLOP/s x MFU), or the communication time when that is long
 Estimates, not measurements: DeepSpeed's own allocator, fragmentation and kernels differ by some percent, so a
 plan within ~10% of the budget is marked tight. Constants and assumptions are module-level names, printed with
 the report.
+
+`--plan auto` on `dskd teacher` / `dskd distill` (`auto_plan`): the same plan for the machine the command runs on
+(`machine_cluster`: nodes and ranks per node from the launcher's environment, each rank's GPU memory from
+torch.cuda, or on CPU the host's memory divided by the ranks per node), restricted to the placements consistent
+with the keys the user set on the command line and with the recipe's teacher.signal; the best one's overrides
+are applied under the user's. `dskd teacher` plans its fine-tuning as the training of one model with the CE loss
+and no teacher (`finetune_recipe`), written to teacher.train.* / teacher.gradient_checkpointing.
 """
 
 from __future__ import annotations
@@ -27,6 +34,12 @@ GB = 10**9
 
 # --- stated constants (assumptions; each is printed in the report) --------------------------------------------
 RUNTIME_OVERHEAD_BYTES = 2 * GiB  # CUDA context (~0.5-1 GiB), NCCL buffers, allocator fragmentation, per rank
+# On CPU (each rank a "device" in host memory): the process itself, Python + torch + transformers + DeepSpeed +
+# MLflow; a tiny `dskd distill` on CPU peaks at ~740 MiB resident.
+CPU_RUNTIME_OVERHEAD_BYTES = 3 * GiB // 4
+CPU_TFLOPS_PER_CORE = 0.05  # peak fp32 TFLOP/s of one x86 core (AVX2 FMA at ~3 GHz: ~50-100 GFLOP/s)
+GPU_TFLOPS = {"H100": 989.0, "H200": 989.0, "GH200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
+DEFAULT_GPU_TFLOPS = 989.0  # a GPU not in GPU_TFLOPS: the H100's dense bf16 peak (stated in the block)
 REDUCE_BUCKET = 5e8  # DeepSpeed default reduce_bucket_size (elements; ds_configs/zero2.json)
 ALLGATHER_BUCKET = 5e8  # DeepSpeed default allgather_bucket_size (elements), ZeRO-1/2
 PREFETCH_BUCKET = 5e7  # DeepSpeed stage3_prefetch_bucket_size (elements; ds_configs/zero3.json)
@@ -254,14 +267,24 @@ def model_config(spec: ModelConfig, role: str, teacher_cfg=None):
 
 def recipe_shapes(recipe: Recipe) -> tuple[Shape, Shape]:
     """(teacher, student) shapes of a recipe, read from configs only. The teacher's config is read even when it
-    is served (the FLOPs of scoring still matter for the report, and a pruned student needs it)."""
+    is served (the FLOPs of scoring still matter for the report, and a pruned student needs it); a served teacher
+    without a local config (teacher.path unset: it is only at the endpoint) is a stand-in with no parameters
+    (`served_stand_in`): nothing of it is on the training ranks."""
     teacher_cfg = model_config(recipe.teacher, "teacher") if (recipe.teacher.path or recipe.teacher.init == "config") \
         else None
     student_cfg = model_config(recipe.student, "student", teacher_cfg)
+    if teacher_cfg is None and recipe.teacher.signal == "served":
+        return served_stand_in(shape_of(student_cfg)), shape_of(student_cfg)
     if teacher_cfg is None:
         raise ConfigError("teacher.path is not set: dskd plan needs the teacher's config.json (the directory may "
                           "hold only config.json)")
     return shape_of(teacher_cfg), shape_of(student_cfg)
+
+
+def served_stand_in(student: Shape) -> Shape:
+    """The teacher of a served recipe whose config is not here: the student's dimensions (vocabulary, positions:
+    the checks that need them pass) and no parameters (no memory, no FLOPs on these ranks)."""
+    return replace(student, model_type="served", params=ParamCount(0, 0, 0, 0, 0), exact=True)
 
 
 # ------------------------------------------------------------------------------------------------ the job
@@ -275,10 +298,15 @@ class Cluster:
     cpu_memory: int | None  # bytes per node (None: not checked)
     tflops: float  # peak dense TFLOP/s per GPU in the training dtype
     mfu: float
+    device: str = "gpu"  # gpu | cpu (each rank a "device" holding its share of host memory)
 
     @property
     def world(self) -> int:
         return self.nodes * self.gpus_per_node
+
+    @property
+    def runtime_overhead(self) -> int:
+        return CPU_RUNTIME_OVERHEAD_BYTES if self.device == "cpu" else RUNTIME_OVERHEAD_BYTES
 
 
 @dataclass(frozen=True)
@@ -448,17 +476,19 @@ def kv_cache_bytes(shape: Shape, work: Workload, micro_batch: int, samples: int 
     return kv
 
 
-def deepspeed_buffer_bytes(shape: Shape, n: int, dtype: str, stage: int) -> float:
+def deepspeed_buffer_bytes(shape: Shape, n: int, dtype: str, stage: int,
+                           overhead: float = RUNTIME_OVERHEAD_BYTES) -> float:
     """DeepSpeed's communication buffers at its defaults (ds_configs/): ZeRO-0/1/2 a reduce bucket (5e8 elements)
     and, at 1/2, an all-gather bucket (5e8), each capped at the model size; ZeRO-3 the reduce bucket + prefetch
     bucket (5e7) + one gathered layer; all in the training dtype; + RUNTIME_OVERHEAD_BYTES (CUDA context, NCCL,
-    fragmentation). Source: DeepSpeed config docs (zero_optimization defaults)."""
+    fragmentation; on CPU: CPU_RUNTIME_OVERHEAD_BYTES, the process). Source: DeepSpeed config docs
+    (zero_optimization defaults)."""
     b = DTYPE_BYTES[dtype]
     if stage == 3:
         buffers = (min(REDUCE_BUCKET, n) + PREFETCH_BUCKET + shape.largest_layer) * b
     else:
         buffers = (min(REDUCE_BUCKET, n) + (min(ALLGATHER_BUCKET, n) if stage in (1, 2) else 0)) * b
-    return buffers + RUNTIME_OVERHEAD_BYTES
+    return buffers + overhead
 
 
 def memory_terms(teacher: Shape, student: Shape, work: Workload, cluster: Cluster, p: Placement) -> dict[str, float]:
@@ -474,7 +504,7 @@ def memory_terms(teacher: Shape, student: Shape, work: Workload, cluster: Cluste
         "teacher weights": teacher_weight_bytes(teacher, p.teacher, work.teacher_dtype, ranks, jt_live),
         "teacher activations": teacher_activation_bytes(teacher, work, p.micro_batch, p.teacher, jt_live),
         "kv cache": kv_cache_bytes(student, work, p.micro_batch),
-        "deepspeed buffers": deepspeed_buffer_bytes(student, n, dt, p.zero_stage),
+        "deepspeed buffers": deepspeed_buffer_bytes(student, n, dt, p.zero_stage, cluster.runtime_overhead),
     }
 
 
@@ -619,21 +649,27 @@ class Plan:
     rows: list[Row]
     size: JobSize
     notes: list[str]
+    only: Any = None  # the placement filter make_plan was given (suggestions plan bigger clusters with it)
+    strict: bool = True
 
     @property
     def best(self) -> Row | None:
-        """Fits and keeps the teacher on these GPUs (or its cache), fastest; ties -> less memory. Plans with
-        TIGHT (10%) headroom win over tighter ones (estimates are not exact), and an exact teacher over a
-        quantized one (8-bit, then 4-bit change the signal the student learns from): quantization is chosen
-        only when nothing exact fits. A served teacher needs GPUs elsewhere, so it is shown and suggested,
-        never chosen."""
-        candidates = [r for r in self.rows if r.fits and r.placement.teacher != "served"]
+        """Fits and keeps the teacher on these GPUs (or its cache), fastest; ties -> the larger micro-batch (the
+        step-time model takes MFU as independent of the micro-batch, so a smaller one only looks as fast), then
+        less memory; when only tight plans fit, less memory first. Plans with TIGHT (10%) headroom win over
+        tighter ones (estimates are not exact), and an exact teacher over a quantized one (8-bit, then 4-bit change
+        the signal the student learns from): quantization is chosen only when nothing exact fits. A served teacher
+        needs GPUs elsewhere, so it is shown and suggested, never chosen, unless the recipe serves it
+        (teacher.signal=served)."""
+        served_ok = self.recipe.teacher.signal == "served"
+        candidates = [r for r in self.rows if r.fits and (served_ok or r.placement.teacher != "served")]
         if not candidates:
             return None
         roomy = [r for r in candidates if r.peak <= TIGHT * self.cluster.gpu_memory]
         lossy = {"8bit": 1, "4bit": 2}
         return min(roomy or candidates,
-                   key=lambda r: (lossy.get(r.placement.teacher, 0), round(r.times["step"], 3), r.peak))
+                   key=lambda r: (lossy.get(r.placement.teacher, 0), round(r.times["step"], 3),
+                                  -r.placement.micro_batch if roomy else 0, r.peak))
 
 
 def parse_bytes(text: str, what: str) -> int:
@@ -677,13 +713,18 @@ def placements(recipe: Recipe, cluster: Cluster) -> list[Placement]:
     mbs = [m for m in (2**i for i in range(12)) if m <= d.micro_batch_size and per_step % m == 0]
     if d.micro_batch_size not in mbs:
         mbs.append(d.micro_batch_size)
-    jt = d.student_pt_ratio > 0
-    teachers = [t for t in TEACHER_PLACEMENTS if t != "none" and not (t == "cached" and jt)] \
-        if recipe.distill.loss == "kd" else \
-        ["none"]  # distill.loss=ce reads no teacher
+    jt, signal, cpu = d.student_pt_ratio > 0, recipe.teacher.signal, cluster.device == "cpu"
+    if recipe.distill.loss != "kd":
+        teachers = ["none"]  # distill.loss=ce reads no teacher
+    elif signal == "served":
+        teachers = ["served"]  # the recipe's teacher is at its endpoint: nothing of it is placed on these ranks
+    else:  # a cached recipe keeps its cache under Joint-Teaching too (the live teacher scores the samples)
+        teachers = [t for t in TEACHER_PLACEMENTS if t != "none" and not (t == "cached" and jt and signal != "cached")]
+    if cpu:  # on CPU the "device" is host memory: nothing to offload to; bitsandbytes 8-/4-bit is a GPU path
+        teachers = [t for t in teachers if t not in ("offload", "8bit", "4bit")]
     out = []
     for stage in (0, 1, 2, 3):
-        for offload in ((False, True) if stage >= 2 else (False,)):
+        for offload in ((False, True) if stage >= 2 and not cpu else (False,)):
             for ckpt in (False, True):
                 for mb in mbs:
                     for teacher in teachers:
@@ -691,17 +732,19 @@ def placements(recipe: Recipe, cluster: Cluster) -> list[Placement]:
     return out
 
 
-def make_plan(recipe: Recipe, cluster: Cluster) -> Plan:
-    """Every placement's memory terms and step time for `dskd distill` on `cluster`."""
+def make_plan(recipe: Recipe, cluster: Cluster, only: Any = None, strict: bool = True) -> Plan:
+    """Every placement's memory terms and step time for `dskd distill` on `cluster`. `only(placement)`: keep just
+    the placements it accepts (`--plan auto`: those consistent with the command line's keys); `strict=False`: a
+    budget below the runtime overhead is planned (nothing fits, and the plan says what would) instead of refused."""
     if cluster.nodes < 1 or cluster.gpus_per_node < 1:
         raise ConfigError(f"--nodes {cluster.nodes} --gpus-per-node {cluster.gpus_per_node}: need at least 1 of each")
     if not 0 < cluster.mfu <= 1:
         raise ConfigError(f"--mfu {cluster.mfu}: a fraction in (0, 1], e.g. 0.4")
     if cluster.tflops <= 0:
         raise ConfigError(f"--gpu-tflops {cluster.tflops}: must be more than 0 (e.g. 989 for an H100 in bf16)")
-    if cluster.gpu_memory < RUNTIME_OVERHEAD_BYTES:
+    if strict and cluster.gpu_memory < cluster.runtime_overhead:
         raise ConfigError(f"--gpu-memory {cluster.gpu_memory / GiB:.2f} GiB is below the runtime overhead alone "
-                          f"({RUNTIME_OVERHEAD_BYTES / GiB:.0f} GiB: CUDA context, NCCL); give the GPU's memory, "
+                          f"({cluster.runtime_overhead / GiB:.0f} GiB: CUDA context, NCCL); give the GPU's memory, "
                           "e.g. 80GiB")
     teacher, student = recipe_shapes(recipe)
     work = workload(recipe, teacher, student)
@@ -711,6 +754,8 @@ def make_plan(recipe: Recipe, cluster: Cluster) -> Plan:
             notes.append(f"{role} model_type {shape.model_type!r}: parameters estimated with the Llama formula")
     rows = []
     for p in placements(recipe, cluster):
+        if only is not None and not only(p):
+            continue
         terms = memory_terms(teacher, student, work, cluster, p)
         cpu = cpu_bytes_per_node(teacher, student, work, cluster, p)
         why = ""
@@ -719,7 +764,7 @@ def make_plan(recipe: Recipe, cluster: Cluster) -> Plan:
         elif cluster.cpu_memory is not None and cpu > cluster.cpu_memory:
             why = "CPU memory"
         rows.append(Row(p, terms, cpu, step_seconds(teacher, student, work, cluster, p), not why, why))
-    return Plan(recipe, cluster, teacher, student, work, rows, job_size(recipe), notes)
+    return Plan(recipe, cluster, teacher, student, work, rows, job_size(recipe), notes, only, strict)
 
 
 # ------------------------------------------------------------------------------------------------ job time
@@ -772,7 +817,8 @@ def suggestions(plan: Plan) -> list[str]:
     out = []
     c = plan.cluster
     served = [r for r in plan.rows if r.fits and r.placement.teacher == "served"]
-    if served:
+    unit = "CPU ranks" if c.device == "cpu" else "GPUs"
+    if served and plan.recipe.teacher.signal != "served":
         s = min(served, key=lambda r: (r.times["step"], r.peak))
         out.append(f"serve the teacher on other GPUs (teacher.signal=served + generate.endpoint, vLLM or dskd "
                    f"serve-teacher): the student then fits at {s.peak / GiB:.1f} GiB/rank with {s.placement.label()}")
@@ -781,10 +827,10 @@ def suggestions(plan: Plan) -> list[str]:
             replace(c, gpus_per_node=c.gpus_per_node * factor)
         if more.gpus_per_node > 8:
             more = replace(c, gpus_per_node=8, nodes=math.ceil(c.world * factor / 8))
-        bigger = make_plan(plan.recipe, more)
+        bigger = make_plan(plan.recipe, more, plan.only, plan.strict)
         if bigger.best:
             b = bigger.best
-            out.append(f"more GPUs: {more.nodes} node(s) x {more.gpus_per_node} ({more.world} GPUs) fit with "
+            out.append(f"more {unit}: {more.nodes} node(s) x {more.gpus_per_node} ({more.world} {unit}) fit with "
                        f"{b.placement.label()} at {b.peak / GiB:.1f} GiB/rank")
             break
     cpu_bound = [r for r in plan.rows if r.why_not == "CPU memory" and r.placement.teacher != "served"]
@@ -792,7 +838,7 @@ def suggestions(plan: Plan) -> list[str]:
         r = min(cpu_bound, key=lambda r: (r.times["step"], r.cpu_bytes))
         out.append(f"more host memory: {r.cpu_bytes / GiB:.0f} GiB per node (offload) fits {r.placement.label()} at "
                    f"{r.peak / GiB:.1f} GiB/rank, step {_fmt_s(r.times['step'])}")
-    smallest = min((r for r in plan.rows if r.placement.teacher != "served"), key=lambda r: r.peak)
+    smallest = min([r for r in plan.rows if r.placement.teacher != "served"] or plan.rows, key=lambda r: r.peak)
     over = smallest.peak - c.gpu_memory
     terms = sorted(smallest.terms.items(), key=lambda kv: -kv[1])[:3]
     if over > 0:
@@ -886,7 +932,7 @@ def render(plan: Plan, all_rows: bool = False) -> str:
         lines.append(f"assumed: {a}")
     lines.append("assumed: " + ", ".join([f"MFU {c.mfu:g}", f"decoding at {DECODE_EFFICIENCY:g} x MFU",
                                           f"{INTRA_NODE_GBPS:g} GB/s in-node, {INTER_NODE_GBPS:g} GB/s across nodes",
-                                          f"runtime overhead {RUNTIME_OVERHEAD_BYTES / GiB:g} GiB/rank"]))
+                                          f"runtime overhead {c.runtime_overhead / GiB:g} GiB/rank"]))
     lines += ["", "recipe overrides (best plan):", *overrides(best.placement)]
     return "\n".join(lines)
 
@@ -904,3 +950,209 @@ def run_plan(args: Any) -> int:
     plan = make_plan(recipe, cluster)
     print(render(plan, all_rows=getattr(args, "all", False)))
     return 0 if plan.best else 1
+
+
+# ------------------------------------------------------------------------------------------------ --plan auto
+
+
+@dataclass(frozen=True)
+class Machine:
+    """The cluster `--plan auto` plans for, and where each of its numbers came from (printed)."""
+
+    cluster: Cluster
+    sources: list[str]
+
+    def describe(self) -> list[str]:
+        lines = ["machine: " + "; ".join(self.sources)]
+        if self.cluster.device == "cpu":
+            lines.append("on CPU: it plans with host memory, each rank a device holding its share (no optimizer or "
+                         "parameter offload, no 8-/4-bit teacher)")
+        return lines
+
+
+def host_memory_bytes() -> int:
+    """This host's memory: MemTotal of /proc/meminfo, else os.sysconf (pages x page size)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def cuda_devices() -> list[tuple[str, int]]:
+    """(name, total memory) of each CUDA device this process sees; [] on CPU (no CUDA, or DS_ACCELERATOR=cpu).
+    Imports torch: `--plan auto` runs once the recipe passed the preflight, just before the stage loads it anyway."""
+    import os
+
+    if os.environ.get("DS_ACCELERATOR", "cuda") == "cpu":
+        return []
+    try:
+        import torch
+    except ImportError:
+        return []
+    if not torch.cuda.is_available():
+        return []
+    return [(torch.cuda.get_device_properties(i).name, torch.cuda.get_device_properties(i).total_memory)
+            for i in range(torch.cuda.device_count())]
+
+
+def _env_int(env, *names: str) -> tuple[int, str] | None:
+    for name in names:
+        m = re.match(r"\s*(\d+)", env.get(name) or "")  # SLURM_NTASKS_PER_NODE may read "8(x2)"
+        if m and int(m.group(1)) > 0:
+            return int(m.group(1)), name
+    return None
+
+
+def machine_cluster(gpu_memory: str | None = None, nodes: int | None = None, gpus_per_node: int | None = None,
+                    env=None, devices: list[tuple[str, int]] | None = None, mfu: float = 0.4) -> Machine:
+    """The machine this command runs on. Ranks per node: --plan-gpus-per-node, else the launcher's
+    LOCAL_WORLD_SIZE (torchrun), LOCAL_SIZE (deepspeed), SLURM_NTASKS_PER_NODE or SLURM_GPUS_ON_NODE, else 1 (one
+    process trains on one device). Nodes: --plan-nodes, else WORLD_SIZE / ranks per node when the launcher set
+    both, else SLURM_NNODES, else WORLD_SIZE / ranks per node, else 1. Memory per rank: --plan-gpu-memory, else the
+    smallest CUDA device's total_memory, else (CPU) the host's memory divided by the ranks per node. Peak TFLOP/s:
+    GPU_TFLOPS by device name (else DEFAULT_GPU_TFLOPS), on CPU CPU_TFLOPS_PER_CORE x the cores per rank."""
+    import os
+
+    env = os.environ if env is None else env
+    devices = cuda_devices() if devices is None else devices
+    sources = []
+    local = _env_int(env, "LOCAL_WORLD_SIZE", "LOCAL_SIZE")
+    if gpus_per_node:
+        rpn, why = gpus_per_node, "--plan-gpus-per-node"
+    elif (found := local or _env_int(env, "SLURM_NTASKS_PER_NODE", "SLURM_GPUS_ON_NODE")) is not None:
+        rpn, why = found[0], found[1]
+    else:
+        rpn, why = 1, "one process, no launcher"
+    sources.append(f"ranks per node {rpn} ({why})")
+    world = _env_int(env, "WORLD_SIZE")
+    if nodes:
+        n, why = nodes, "--plan-nodes"
+    elif world and local:
+        n, why = math.ceil(world[0] / local[0]), f"WORLD_SIZE {world[0]} / {local[1]} {local[0]}"
+    elif (slurm := _env_int(env, "SLURM_NNODES")) is not None:
+        n, why = slurm[0], "SLURM_NNODES"
+    elif world:
+        n, why = math.ceil(world[0] / rpn), f"WORLD_SIZE {world[0]} / {rpn}"
+    else:
+        n, why = 1, "no launcher"
+    sources.append(f"nodes {n} ({why})")
+    host = host_memory_bytes()
+    if devices:
+        name = min(devices, key=lambda d: d[1])[0]
+        tflops = next((v for k, v in sorted(GPU_TFLOPS.items(), key=lambda kv: -len(kv[0])) if k in name.upper()),
+                      None)
+        sources.append(f"{name}: {tflops or DEFAULT_GPU_TFLOPS:g} TFLOP/s" + ("" if tflops else " (assumed)"))
+        tflops = tflops or DEFAULT_GPU_TFLOPS
+    else:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        tflops = max(1, cores // rpn) * CPU_TFLOPS_PER_CORE
+        sources.append(f"{max(1, cores // rpn)} CPU core(s) per rank x {CPU_TFLOPS_PER_CORE:g} TFLOP/s")
+    if gpu_memory:
+        memory = parse_bytes(gpu_memory, "--plan-gpu-memory")
+        sources.append("memory per rank from --plan-gpu-memory")
+    elif devices:
+        memory = min(d[1] for d in devices)
+        sources.append("memory per rank from torch.cuda total_memory")
+    else:
+        memory = host // rpn
+        sources.append(f"memory per rank: host memory {host / GiB:.1f} GiB / {rpn} rank(s) per node")
+    cluster = Cluster(nodes=n, gpus_per_node=rpn, gpu_memory=memory, cpu_memory=host if devices else None,
+                      tflops=tflops, mfu=mfu, device="gpu" if devices else "cpu")
+    return Machine(cluster, sources)
+
+
+# `dskd teacher` plans its fine-tuning as a distillation with the CE loss: these are its keys.
+TEACHER_STAGE_KEYS = {"distill.zero_stage": "teacher.train.zero_stage",
+                      "distill.offload_optimizer": "teacher.train.offload_optimizer",
+                      "student.gradient_checkpointing": "teacher.gradient_checkpointing",
+                      "distill.micro_batch_size": "teacher.train.micro_batch_size",
+                      "distill.grad_accum": "teacher.train.grad_accum"}
+
+
+def finetune_recipe(recipe: Recipe) -> Recipe:
+    """`dskd teacher` as a plan sees it: the teacher is the model trained (the student's place: its weights,
+    gradients, AdamW state, activations, the loss's workspace) with teacher.train's batch, ZeRO and step budget, on
+    gold targets with the CE loss: no second model on the ranks, no PT generation, no Joint-Teaching."""
+    from dskd.config import DistillConfig, StudentConfig
+
+    t = recipe.teacher
+    student = StudentConfig.model_validate({k: v for k, v in t.model_dump().items() if k in ModelConfig.model_fields})
+    distill = DistillConfig.model_validate({**t.train.model_dump(), "loss": "ce", "sources": ["gold"],
+                                            "student_pt_ratio": 0.0})
+    return recipe.model_copy(update={"student": student, "distill": distill,
+                                     "teacher": t.model_copy(update={"signal": "local"})})
+
+
+def stage_overrides(p: Placement, stage: str) -> list[str]:
+    """The recipe keys that select placement `p` for `dskd <stage>` (teacher: TEACHER_STAGE_KEYS)."""
+    if stage != "teacher":
+        return overrides(p)
+    return [f"{TEACHER_STAGE_KEYS[k]}={v}" for k, v in (line.split("=", 1) for line in overrides(p))]
+
+
+def _size(n: float) -> str:
+    return f"{n / GiB:.2f} GiB" if n >= GiB / 100 else f"{n / (1 << 20):.2f} MiB"
+
+
+@dataclass
+class AutoPlan:
+    applied: list[str]  # the best plan's overrides, less the keys the command line set
+    kept: list[str]  # the command line's overrides among the plan's keys (they win)
+    text: str  # the block printed before the stage starts
+
+
+def auto_plan(recipe: Recipe, stage: str, machine: Machine, cli_overrides: list[str]) -> AutoPlan:
+    """`--plan auto`: the best plan for `machine` among the placements consistent with the command line (each plan
+    key the user set keeps the user's value: placements with another value are not planned) and, for distill,
+    with the recipe's teacher.signal (local / cached / served is a choice of what the student learns from and
+    where the teacher runs, not a placement). Nothing fits: ConfigError, one line, then what would fit."""
+    from dskd.config import parse_override
+
+    c = machine.cluster
+    planned = finetune_recipe(recipe) if stage == "teacher" else recipe
+    pinned = {".".join(parts): value for parts, value in map(parse_override, cli_overrides)}  # the last one wins
+    fixed = {**({"teacher.signal": recipe.teacher.signal} if stage == "distill" else {}), **pinned}
+
+    def consistent(p: Placement) -> bool:
+        for line in stage_overrides(p, stage):
+            parts, value = parse_override(line)
+            if ".".join(parts) in fixed and fixed[".".join(parts)] != value:
+                return False
+        return True
+
+    plan = make_plan(planned, c, only=consistent, strict=False)
+    unit = "CPU rank(s)" if c.device == "cpu" else "GPU(s)"
+    where = f"{c.nodes} node(s) x {c.gpus_per_node} {unit} x {_size(c.gpu_memory)}"
+    if not plan.rows:
+        given = " ".join(f"{k}={v}" for k, v in sorted(pinned.items()))
+        raise ConfigError(f"--plan auto: no placement of `dskd {stage}` is consistent with the command line's {given}"
+                          + (f" and the recipe's teacher.signal={recipe.teacher.signal}" if stage == "distill" else "")
+                          + "; drop or change one of them")
+    keys = {line.split("=", 1)[0] for line in stage_overrides(plan.rows[0].placement, stage)}
+    held = f"; limited to the command line's {', '.join(sorted(pinned.keys() & keys))}" if pinned.keys() & keys else ""
+    best = plan.best
+    if best is None:
+        lines = suggestions(plan)
+        raise ConfigError(f"--plan auto: `dskd {stage}` fits nowhere on {where} ({len(plan.rows)} placements"
+                          f"{held}): none stays within {_size(c.gpu_memory)} per rank; what would fit:\n"
+                          + "\n".join(f"  - {x}" for x in lines))
+    applied = [o for o in stage_overrides(best.placement, stage) if o.split("=", 1)[0] not in pinned]
+    kept = [o for o in cli_overrides if ".".join(parse_override(o)[0]) in keys]
+    fits = sum(r.fits for r in plan.rows)
+    step = best.times["step"]
+    text = "\n".join([
+        f"[dskd] plan auto: `dskd {stage}` planned for {where}",
+        *[f"[dskd]   {s}" for s in machine.describe()],
+        f"[dskd]   placement: {best.placement.label().removesuffix(' T:none')} ({fits} of {len(plan.rows)} "
+        f"placements fit{held})",
+        f"[dskd]   predicted: {best.peak / GiB:.2f} GiB/rank ({best.peak / c.gpu_memory:.0%} of "
+        f"{_size(c.gpu_memory)}), step {f'{step * 1e3:.1f} ms' if step < 1 else _fmt_s(step)} "
+        "(estimates from dskd plan's formulas)",
+        f"[dskd]   overrides applied: {' '.join(applied) or '(none)'}",
+        *([f"[dskd]   kept from the command line: {' '.join(kept)}"] if kept else [])])
+    return AutoPlan(applied, kept, text)

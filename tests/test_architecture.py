@@ -172,8 +172,9 @@ if __name__ == "__main__":
 
 # Where the teacher's signal comes from is read in one place per concern: the recipe schema (its keys and the
 # two properties the CLI's light preflight asks), `teacher_for` and the Teacher classes, and the endpoint's own
-# modules. Anywhere else, a mode check is a new flag checked in a sixth place.
-MODE_READERS = {"dskd.config", "dskd.teachers", "dskd.study", "dskd.stages.demo"}
+# modules; and the planner, which prices every mode from configs alone (no Teacher object exists there). Anywhere
+# else, a mode check is a new flag checked in a sixth place.
+MODE_READERS = {"dskd.config", "dskd.teachers", "dskd.study", "dskd.stages.demo", "dskd.plan"}
 
 
 def _mode_reads(tree: ast.AST) -> list[int]:

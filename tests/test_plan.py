@@ -4,6 +4,7 @@ activation terms, fitting and not fitting a 70B -> 8B Llama-3-shaped job, and on
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -221,3 +222,165 @@ def test_bad_input_errors_clearly(tmp_path):
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "dskd: error:" in out.stderr, out.stderr
     out = _run_cli("--config", str(_recipe_file(tmp_path, student, student)), "--gpu-memory", "80GiB", "--mfu", "4")
     assert out.returncode == 2 and "--mfu 4.0" in out.stderr
+
+
+# ------------------------------------------------------------------------------------------------ --plan auto
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_llamas(tmp_path_factory, tiny_task) -> Path:
+    """A real tiny Llama teacher (2 layers) and student (1 layer) saved with the task's tokenizer: distill runs."""
+    from tests.conftest import save_peaked_llama
+
+    root = tmp_path_factory.mktemp("llamas")
+    save_peaked_llama(root / "teacher", tiny_task / "tokenizer")
+    save_peaked_llama(root / "student", tiny_task / "tokenizer", num_hidden_layers=1)
+    return root
+
+
+def _auto_recipe(tmp_path: Path, tiny_task: Path, llamas: Path) -> Path:
+    """Logits KD on gold targets; the YAML asks for ZeRO-1, which the CPU plan (one rank) replaces with ZeRO-0."""
+    data = {"run": {"output_dir": str(tmp_path / "out"), "seed": 7}, "tracking": {"experiment": "tests"},
+            "data": {"labeled": str(tiny_task / "labeled.jsonl"), "max_input_tokens": 32, "max_target_tokens": 12},
+            "teacher": {"path": str(llamas / "teacher")}, "student": {"path": str(llamas / "student")},
+            "distill": {"epochs": 1, "micro_batch_size": 4, "grad_accum": 2, "sources": ["gold"], "zero_stage": 1,
+                        "log_every": 1, "optim": {"lr": 1e-3, "warmup_steps": 1}}}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _dskd(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    from tests.conftest import launch_env
+
+    env = launch_env(PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    env.pop("MLFLOW_TRACKING_URI", None)  # the run's own sqlite store under its output dir
+    return subprocess.run([sys.executable, "-m", "dskd", *args], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path, env=env)
+
+
+def _block(stdout: str) -> dict[str, str]:
+    """The `--plan auto` block: `[dskd]   key: value` lines after `[dskd] plan auto:`."""
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("[dskd] plan auto:"))
+    block = {"head": lines[start]}
+    for line in lines[start + 1:]:
+        if not line.startswith("[dskd]   "):
+            break
+        key, _, value = line.removeprefix("[dskd]   ").partition(": ")
+        block[key] = value
+    return block
+
+
+def _logged(out_dir: Path) -> tuple[dict, dict]:
+    """The finished student's MLflow-logged recipe.yaml and deepspeed_config.json (sqlite store: artifacts on disk)."""
+    done = json.loads((out_dir / "students" / "student" / "DONE.json").read_text())
+    artifacts = out_dir / "mlartifacts" / done["run_id"] / "artifacts"
+    return (yaml.safe_load((artifacts / "recipe.yaml").read_text()),
+            json.loads((artifacts / "deepspeed_config.json").read_text()))
+
+
+def _value(recipe: dict, key: str):
+    for part in key.split("."):
+        recipe = recipe[part]
+    return recipe
+
+
+def test_plan_auto_distill_applies_the_best_plan(tmp_path, tiny_task, tiny_llamas):
+    recipe = _auto_recipe(tmp_path, tiny_task, tiny_llamas)
+    out = _dskd(tmp_path, "distill", "--config", str(recipe), "--plan", "auto", "--plan-gpu-memory", "1GiB",
+                "distill.max_steps=2")
+    assert out.returncode == 0, out.stderr[-3000:]
+    block = _block(out.stdout)
+    assert block["head"] == "[dskd] plan auto: `dskd distill` planned for 1 node(s) x 1 CPU rank(s) x 1.00 GiB"
+    assert "memory per rank from --plan-gpu-memory" in block["machine"] and "on CPU" in block
+    assert block["placement"].startswith("Z0 - mb4x2 T:replicated")  # one rank: ZeRO buys nothing, no checkpointing
+    assert " GiB/rank (" in block["predicted"] and " step " in block["predicted"]
+    applied = block["overrides applied"].split()
+    assert "distill.zero_stage=0" in applied and "teacher.signal=local" in applied and len(applied) == 9
+    assert out.stdout.index("[dskd] plan auto:") < out.stdout.index("[dskd] distill: 2 steps")
+    logged, ds_config = _logged(tmp_path / "out")
+    for override in applied:  # what the block says it applied is what the run logged
+        key, value = override.split("=", 1)
+        assert _value(logged, key) == yaml.safe_load(value), override
+    assert ds_config["zero_optimization"]["stage"] == 0  # the YAML's ZeRO-1 replaced by the plan's
+    assert ds_config["train_micro_batch_size_per_gpu"] == 4 and ds_config["gradient_accumulation_steps"] == 2
+
+
+def test_plan_auto_keeps_the_command_lines_overrides(tmp_path, tiny_task, tiny_llamas):
+    """A key set on the command line is not planned: only placements with the user's value are (ZeRO-3 here,
+    which the plan alone would not pick), and the plan's other keys are applied around it."""
+    recipe = _auto_recipe(tmp_path, tiny_task, tiny_llamas)
+    out = _dskd(tmp_path, "distill", "--config", str(recipe), "--plan", "auto", "--plan-gpu-memory", "1GiB",
+                "distill.max_steps=2", "distill.zero_stage=3")
+    assert out.returncode == 0, out.stderr[-3000:]
+    block = _block(out.stdout)
+    assert block["placement"].startswith("Z3 ") and "limited to the command line's distill.zero_stage" in \
+        block["placement"]
+    assert block["kept from the command line"] == "distill.zero_stage=3"
+    applied = block["overrides applied"].split()
+    assert not any(o.startswith("distill.zero_stage=") for o in applied) and len(applied) == 8
+    logged, ds_config = _logged(tmp_path / "out")
+    assert logged["distill"]["zero_stage"] == 3 and ds_config["zero_optimization"]["stage"] == 3
+    for override in applied:
+        key, value = override.split("=", 1)
+        assert _value(logged, key) == yaml.safe_load(value), override
+
+
+def test_plan_auto_fits_nowhere_exits_2_with_what_would(tmp_path, tiny_task, tiny_llamas):
+    recipe = _auto_recipe(tmp_path, tiny_task, tiny_llamas)
+    out = _dskd(tmp_path, "distill", "--config", str(recipe), "--plan", "auto", "--plan-gpu-memory", "1MiB")
+    assert out.returncode == 2, out.stderr[-3000:]
+    first, *rest = out.stderr.strip().splitlines()
+    assert first.startswith("dskd: error: --plan auto: `dskd distill` fits nowhere on 1 node(s) x 1 CPU rank(s) x "
+                            "1.00 MiB") and first.endswith("what would fit:"), first
+    assert rest and all(line.startswith("  - ") for line in rest) and "Traceback" not in out.stderr
+    assert any("needs" in line and "GiB/rank" in line for line in rest), rest  # the smallest placement's need
+    assert not (tmp_path / "out" / "students").exists()  # nothing started
+    # the sizing flags belong to --plan auto: alone they are a one-line error
+    out = _dskd(tmp_path, "distill", "--config", str(recipe), "--plan-gpu-memory", "80GiB")
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "add --plan auto" in out.stderr, out.stderr
+
+
+def test_plan_auto_machine_from_the_launcher_environment():
+    from dskd.plan import GiB, host_memory_bytes, machine_cluster
+
+    h100 = [("NVIDIA H100 80GB HBM3", 80 * GiB)] * 8
+    torchrun = machine_cluster(env={"WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8"}, devices=h100).cluster
+    assert (torchrun.nodes, torchrun.gpus_per_node, torchrun.gpu_memory, torchrun.device, torchrun.tflops) == \
+        (2, 8, 80 * GiB, "gpu", 989.0)
+    slurm = machine_cluster(env={"SLURM_NNODES": "4", "SLURM_NTASKS_PER_NODE": "2(x4)"},
+                            devices=[("NVIDIA A100-SXM4-40GB", 40 * GiB)]).cluster
+    assert (slurm.nodes, slurm.gpus_per_node, slurm.gpu_memory, slurm.tflops) == (4, 2, 40 * GiB, 312.0)
+    cpu = machine_cluster(env={"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}, devices=[])
+    assert (cpu.cluster.nodes, cpu.cluster.gpus_per_node, cpu.cluster.device) == (1, 2, "cpu")
+    assert cpu.cluster.gpu_memory == host_memory_bytes() // 2  # on CPU: the host's memory shared by the ranks
+    assert any("plans with host memory" in line for line in cpu.describe())
+    flags = machine_cluster("24GiB", nodes=3, gpus_per_node=4, env={"WORLD_SIZE": "2"}, devices=h100).cluster
+    assert (flags.nodes, flags.gpus_per_node, flags.gpu_memory) == (3, 4, 24 * GiB)
+
+
+def test_plan_auto_served_cached_and_teacher_stage(tmp_path):
+    """Served: no teacher on the ranks (its config need not be here); cached: the recipe's signal is kept; the
+    teacher stage plans its fine-tuning and writes teacher.train.* keys."""
+    from dskd.plan import GiB, Cluster, Machine, auto_plan
+
+    model = _write_model(tmp_path / "m", "llama", dict(TINY[0][1], max_position_embeddings=2048))
+    machine = Machine(Cluster(1, 1, 24 * GiB, None, 989, 0.4), ["test"])
+    endpoint = ["generate.endpoint.url=http://127.0.0.1:8000/v1", "generate.endpoint.prompt_logprobs=true"]
+    served = load_recipe(_recipe_file(tmp_path, None, model), ["teacher.signal=served", *endpoint])
+    planned = auto_plan(served, "distill", machine, [])
+    assert "T:served" in planned.text and "teacher.signal=served" in planned.applied
+    cached = load_recipe(_recipe_file(tmp_path, model, model), ["teacher.signal=cached"])  # with Joint-Teaching
+    assert "teacher.signal=cached" in auto_plan(cached, "distill", machine, []).applied
+    teacher = load_recipe(_recipe_file(tmp_path, model, model), ["teacher.finetune=true", "teacher.train.grad_accum=4"])
+    planned = auto_plan(teacher, "teacher", machine, ["teacher.train.grad_accum=4"])
+    keys = {o.split("=")[0] for o in planned.applied}
+    assert keys == {"teacher.train.zero_stage", "teacher.train.offload_optimizer", "teacher.gradient_checkpointing",
+                    "teacher.train.micro_batch_size"}
+    assert planned.kept == ["teacher.train.grad_accum=4"]
+    placement = next(line for line in planned.text.splitlines() if "placement:" in line)
+    assert "x4 " in placement and "T:" not in placement  # the user's grad_accum; no second model on the ranks
+    assert f"teacher.train.micro_batch_size={teacher.teacher.train.micro_batch_size}" in planned.applied

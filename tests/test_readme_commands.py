@@ -114,7 +114,10 @@ def save_model(directory: Path, model_type: str, tokenizer, layers: int, seed: i
     from dskd.data.collate import Encoder, Formatting
 
     torch.manual_seed(seed)
-    config = AutoConfig.for_model(model_type, **tiny_config_kwargs(model_type, len(tokenizer), layers=layers))
+    sizes = tiny_config_kwargs(model_type, len(tokenizer), layers=layers)
+    if "max_position_embeddings" in sizes:  # a user's model holds the templates' 1024 + 256 tokens (`dskd plan`
+        sizes["max_position_embeddings"] = 2048  # checks that before anything loads)
+    config = AutoConfig.for_model(model_type, **sizes)
     arch = "seq2seq" if config.is_encoder_decoder else "causal"
     model = (AutoModelForSeq2SeqLM if arch == "seq2seq" else AutoModelForCausalLM).from_config(config).train()
     encoder = Encoder(tokenizer, Formatting.from_data(data or DataConfig(), arch))
