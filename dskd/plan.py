@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from dskd import gguf
 from dskd.config import ConfigError, ModelConfig, Recipe
 
 GiB = 1 << 30
@@ -259,7 +260,10 @@ def model_config(spec: ModelConfig, role: str, teacher_cfg=None):
     if not spec.path:
         raise ConfigError(f"{role}.path is not set: give a directory holding the model's config.json (or "
                           f"{role}.init=config with {role}.model_type)")
-    cfg = _config_from_path(spec.path, role, spec.trust_remote_code)
+    if gguf.gguf_path(spec.path, spec.gguf_file, f"{role}.path") is not None:  # its header; nothing converted
+        cfg = gguf.hf_config(spec.path, spec.gguf_file, key=f"{role}.path")
+    else:
+        cfg = _config_from_path(spec.path, role, spec.trust_remote_code)
     for key, value in spec.config.items():  # overrides (e.g. dropout); shapes are not meant to change here
         setattr(cfg, key, value)
     return cfg

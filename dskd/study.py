@@ -35,6 +35,7 @@ from dskd.layout import content_key, pt_store_dir, stage_dir
 # Keys that define what every cell shares (or the study's own bookkeeping): a variant cannot change them.
 SHARED_KEYS = ("run", "tracking", "study", "data", "generate", "evaluate", "teacher.path", "teacher.init",
                "teacher.finetune", "teacher.train", "teacher.model_type", "teacher.tokenizer", "teacher.prune",
+               "teacher.gguf_file",
                "teacher.cache_dir", "teacher.cache_top_k", "teacher.cache_tail_samples",
                "distill.max_steps", "distill.epochs", "distill.eval_every", "distill.eval_examples")
 EPOCHS_UNBOUNDED = 1e6  # a cell runs study.steps optimizer steps; its epochs never end first

@@ -408,8 +408,9 @@ class ServedTeacher(_StudentTokens):
         listed = next((m for m in self.client.list_models() or [] if m.get("id") == self.client.model), {})
         self._check_vocabulary(pool, needs)
         tokenizer = tokenizer_fingerprint(needs.encoder.tokenizer)
-        self.cache.open(CacheIdentity(identity["fingerprint"], {"served": "prompt_logprobs", "root": listed.get("root")},
-                                      tokenizer, "causal", self.top_k, 0), writer=needs.dist.is_main)
+        runtime = {"served": "prompt_logprobs", "root": listed.get("root")}
+        self.cache.open(CacheIdentity(identity["fingerprint"], runtime, tokenizer, "causal", self.top_k, 0),
+                        writer=needs.dist.is_main)
         build_cache(self.cache, pool, needs, lambda keys, pairs, batch: self._score_flat(pairs),
                     f"top-{self.top_k} from {self.client.public_base}", collective=False,
                     concurrency=self.cfg.concurrency)

@@ -313,3 +313,15 @@ def test_unsupported_architecture_and_missing_package(tmp_path, tiny_tokenizer, 
     with pytest.raises(ConfigError, match=r"tiny-llama\.F16\.gguf is a GGUF model; .*pip install gguf"):
         load_model(ModelConfig(path=str(tiny_gguf[0])))
     assert cache["conversions"] == []
+
+
+def test_dskd_plan_reads_a_gguf_teachers_shape_from_its_header_without_converting(tiny_gguf, tmp_path, cache):
+    from dskd.config import Recipe
+    from dskd.plan import recipe_shapes
+
+    path, reference = tiny_gguf
+    recipe = Recipe.model_validate({"teacher": {"path": str(path)}, "student": {"init": "prune",
+                                                                                "prune": {"decoder_layers": [0]}}})
+    teacher, _ = recipe_shapes(recipe)
+    assert teacher.params.total == sum(p.numel() for p in reference.parameters())
+    assert cache["conversions"] == []  # planning reads the header: nothing is converted

@@ -45,8 +45,8 @@ def _recipe(task, out, teacher_dir, *, url=None, **distill):
                "config": {k: v for k, v in tiny_config_kwargs("llama", VOCAB, layers=1).items() if k != "vocab_size"}}
     teacher = {"init": "pretrained", "path": str(teacher_dir), "finetune": False}
     recipe = tiny_recipe(task, out, "llama", teacher=teacher, student=student,
-                         distill={"sources": ["gold"], "student_pt_ratio": 0.0, "eval_examples": 0, "max_steps": 4, "epochs": 2,
-                                  "grad_accum": 2, **distill})
+                         distill={"sources": ["gold"], "student_pt_ratio": 0.0, "eval_examples": 0, "max_steps": 4,
+                                  "epochs": 2, "grad_accum": 2, **distill})
     if url is not None:
         recipe["generate"]["endpoint"] = {"url": url, "prompt_logprobs": True, "score_top_k": VOCAB,
                                           "max_retries": 1, "backoff_s": 0.0}

@@ -32,6 +32,7 @@ from dskd.data.pt_store import PTStore
 from dskd.data.task import TaskData, load_task
 from dskd.engines import init_distributed
 from dskd.evaluate import EfficiencyConfig, constant_baseline, efficiency, evaluate_generations, rouge_per_example
+from dskd.gguf import gguf_path
 from dskd.layout import content_key, pt_store_dir, read_done, stage_dir, stage_key
 from dskd.models import detect_arch, load_model
 from dskd.stages.generate import run_generate
@@ -156,7 +157,8 @@ class Study:
     def run_cells(self, parent: str | None, indices: list[int] | None) -> None:
         selected = self.cells if indices is None else [self._cell(i) for i in indices]
         teacher = self.cells[0].recipe.teacher
-        if teacher.init == "pretrained" and not (Path(teacher.path) / "config.json").is_file():
+        exists = (gguf_path(teacher.path, teacher.gguf_file) or Path(teacher.path) / "config.json").is_file()
+        if teacher.init == "pretrained" and not exists:
             raise ConfigError(f"the study's teacher {teacher.path} does not exist yet: run `dskd study --step "
                               "prepare` (same recipe and --output-dir) first")
         scorer = None
