@@ -171,11 +171,13 @@ def sparse_batch(entries: list[tuple[np.ndarray, np.ndarray]], target_mask: torc
 
 def top_k_arrays(positions: Sequence[dict[int, float]], k: int) -> tuple[np.ndarray, np.ndarray]:
     """Per position {token id: log-prob} (a server's answer) -> its k most likely (ids int64 [T, k], log-probs
-    float32 [T, k]), best first; a position with fewer keeps empty slots (-inf)."""
+    float32 [T, k]), best first; a position with fewer fills the rest with the sparse loss's padding (its best
+    id again, log-prob -inf: an id outside the row would be taken out of the loss's tail)."""
     ids = np.zeros((len(positions), k), dtype=np.int64)
     values = np.full((len(positions), k), -np.inf, dtype=np.float32)
     for t, entry in enumerate(positions):
         best = sorted(entry.items(), key=lambda item: -item[1])[:k]
+        ids[t] = best[0][0]
         ids[t, :len(best)] = [token for token, _ in best]
         values[t, :len(best)] = [value for _, value in best]
     return ids, values

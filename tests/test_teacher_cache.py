@@ -184,3 +184,16 @@ def test_a_pairs_cached_entry_does_not_depend_on_the_pairs_scored_beside_it():
     for got in (alone, reordered):
         torch.testing.assert_close(got[0][:5], together[0][3:8], rtol=0, atol=0)
         torch.testing.assert_close(got[1][:5], together[1][3:8])
+
+
+def test_a_server_position_with_fewer_than_k_tokens_is_padded_as_the_sparse_loss_expects():
+    """Padding repeats the position's best id with probability 0: the loss's tail (1 - the top-k's student
+    mass) must still hold every token the server did not name, id 0 included."""
+    import numpy as np
+
+    from dskd.teacher_cache import top_k_arrays
+
+    ids, values = top_k_arrays([{7: -0.1, 3: -2.5}, {5: -0.01}], 3)
+    assert ids.tolist() == [[7, 3, 7], [5, 5, 5]]
+    assert values[0, 2] == -np.inf and np.isneginf(values[1, 1:]).all()
+    assert values[0, :2].tolist() == pytest.approx([-0.1, -2.5])
