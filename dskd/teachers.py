@@ -48,7 +48,13 @@ from tqdm.auto import tqdm
 
 from dskd import preemption
 from dskd.blackbox.client import EndpointClient, EndpointError, check_url, public_url
-from dskd.blackbox.generate import EndpointPTSource, read_api_key, teacher_identity, tokenizer_fingerprint
+from dskd.blackbox.generate import (
+    EndpointPTSource,
+    listed_model,
+    read_api_key,
+    teacher_identity,
+    tokenizer_fingerprint,
+)
 from dskd.blackbox.targets import SparseTrainingPool
 from dskd.collectives import all_reduce
 from dskd.config import ConfigError, Recipe, TeacherConfig
@@ -274,6 +280,23 @@ class RelationTeacher(LocalTeacher):
             yield RelationSignal(hidden, weight, bias, relations, self.sites, self.weight, self.heads)
 
 
+class _TopKSignal:
+    """A teacher whose signal is a top-k per target token, put in the batch by `prepare`: the sparse loss, and
+    the probability mass outside the top-k per step."""
+
+    @contextmanager
+    def signal(self, batch: dict[str, torch.Tensor]) -> Iterator[Signal]:
+        yield SparseSignal(batch["teacher_top_ids"], batch["teacher_top_probs"])
+
+    def step_metrics(self, tail_mass: torch.Tensor, tokens: torch.Tensor) -> dict[str, float]:
+        return {"train/teacher_tail_mass": float(tail_mass / tokens)}
+
+
+def _tail_mass(batch: dict[str, torch.Tensor]) -> float:
+    """The teacher mass outside the batch's top-k, summed over its target tokens (rounding clamped at 0)."""
+    return float((1.0 - batch["teacher_top_probs"].sum(-1))[batch["target_mask"]].clamp_min(0).sum())
+
+
 class _StudentTokens(Teacher):
     """A served teacher: the targets are written in the student's tokenizer (the server's must be the same)."""
 
@@ -282,12 +305,11 @@ class _StudentTokens(Teacher):
             return super().tokenizer(recipe, task)
         return load_tokenizer(recipe.student, role="student")  # the PTs were aligned to the student's tokens
 
-
     def identity(self, recipe: Recipe) -> str:
         return f"served:{public_url(recipe.generate.endpoint.url or '')}"
 
 
-class StoredTopKTeacher(_StudentTokens):
+class StoredTopKTeacher(_TopKSignal, _StudentTokens):
     """A server that scores only its own samples: top-k log-probs stored with its PTs, in the student's tokens."""
 
     name = "stored_top_k"
@@ -300,15 +322,8 @@ class StoredTopKTeacher(_StudentTokens):
         batch.update(pool.sparse_batch(pairs, batch["target_mask"]))
         return float((1.0 - batch["teacher_top_probs"].sum(-1))[batch["target_mask"]].sum())
 
-    @contextmanager
-    def signal(self, batch: dict[str, torch.Tensor]) -> Iterator[Signal]:
-        yield SparseSignal(batch["teacher_top_ids"], batch["teacher_top_probs"])
 
-    def step_metrics(self, tail_mass: torch.Tensor, tokens: torch.Tensor) -> dict[str, float]:
-        return {"train/teacher_tail_mass": float(tail_mass / tokens)}
-
-
-class CachedTeacher(LocalTeacher):
+class CachedTeacher(_TopKSignal, LocalTeacher):
     """teacher.signal=cached (see the module docstring and `dskd.teacher_cache`)."""
 
     name = "cached"
@@ -344,14 +359,15 @@ class CachedTeacher(LocalTeacher):
         self.cache.open(CacheIdentity(self.fingerprint, self.runtime, tokenizer_fingerprint(needs.encoder.tokenizer),
                                       needs.encoder.formatting.arch, self.spec.top_k, self.spec.tail_samples),
                         writer=needs.dist.is_main)
-        missing = any(key not in self.cache for key in epoch_keys(pool, needs.epochs))
+        wanted = epoch_keys(pool, needs.epochs)
+        missing = any(key not in self.cache for key in wanted)
         if needs.live or bool(all_reduce(torch.tensor([float(missing)]), torch_dist.ReduceOp.MAX)):
             self._load()
         elif needs.dist.is_main:
             print(f"[dskd] teacher cache: {self.cache.root} holds every pair; the teacher is not loaded",
                   file=sys.stderr)
         config = self.module.model.config if self.module is not None else None
-        build_cache(self.cache, pool, needs, lambda keys, pairs, batch: self._score(batch, keys, needs),
+        build_cache(self.cache, wanted, needs, lambda keys, pairs, batch: self._score(batch, keys, needs),
                     f"top-{self.spec.top_k} + {self.spec.tail_samples} tail draws", collective=True,
                     decoder_start=getattr(config, "decoder_start_token_id", None))
 
@@ -369,21 +385,18 @@ class CachedTeacher(LocalTeacher):
         if not all(key in self.cache for key in keys):
             return 0.0  # e.g. Joint-Teaching's student samples: the local forward scores them
         batch.update(self.cache.sparse_batch(keys, batch["target_mask"]))
-        return float((1.0 - batch["teacher_top_probs"].sum(-1))[batch["target_mask"]].clamp_min(0).sum())
+        return _tail_mass(batch)
 
     @contextmanager
     def signal(self, batch: dict[str, torch.Tensor]) -> Iterator[Signal]:
         if "teacher_top_ids" in batch:
             yield SparseSignal(batch["teacher_top_ids"], batch["teacher_top_probs"])
         else:
-            with super().signal(batch) as dense:
+            with LocalTeacher.signal(self, batch) as dense:  # the live forward (not the top-k mixin's)
                 yield dense
 
-    def step_metrics(self, tail_mass: torch.Tensor, tokens: torch.Tensor) -> dict[str, float]:
-        return {"train/teacher_tail_mass": float(tail_mass / tokens)}
 
-
-class ServedTeacher(_StudentTokens):
+class ServedTeacher(_TopKSignal, _StudentTokens):
     """teacher.signal=served with a server that scores given tokens (see the module docstring)."""
 
     name = "served"
@@ -404,14 +417,15 @@ class ServedTeacher(_StudentTokens):
                               "teacher")
         check_url(self.cfg.url, self.cfg.api_key_env)
         self.client = EndpointClient(self.cfg, read_api_key(self.cfg))
-        identity = teacher_identity(self.client)
-        listed = next((m for m in self.client.list_models() or [] if m.get("id") == self.client.model), {})
+        listed = listed_model(self.client)  # one request: the model's id, fingerprint and root
+        identity = teacher_identity(self.client, listed)
         self._check_vocabulary(pool, needs)
         tokenizer = tokenizer_fingerprint(needs.encoder.tokenizer)
         runtime = {"served": "prompt_logprobs", "root": listed.get("root")}
         self.cache.open(CacheIdentity(identity["fingerprint"], runtime, tokenizer, "causal", self.top_k, 0),
                         writer=needs.dist.is_main)
-        build_cache(self.cache, pool, needs, lambda keys, pairs, batch: self._score_flat(pairs),
+        build_cache(self.cache, epoch_keys(pool, needs.epochs), needs,
+                    lambda keys, pairs, batch: self._score_flat(pairs),
                     f"top-{self.top_k} from {self.client.public_base}", collective=False,
                     concurrency=self.cfg.concurrency)
 
@@ -452,14 +466,7 @@ class ServedTeacher(_StudentTokens):
                 batch.update(sparse_batch(self._score(pairs), batch["target_mask"]))
             except EndpointError as exc:
                 raise TeacherUnavailable(f"the served teacher could not score a micro-batch: {exc}") from None
-        return float((1.0 - batch["teacher_top_probs"].sum(-1))[batch["target_mask"]].clamp_min(0).sum())
-
-    @contextmanager
-    def signal(self, batch: dict[str, torch.Tensor]) -> Iterator[Signal]:
-        yield SparseSignal(batch["teacher_top_ids"], batch["teacher_top_probs"])
-
-    def step_metrics(self, tail_mass: torch.Tensor, tokens: torch.Tensor) -> dict[str, float]:
-        return {"train/teacher_tail_mass": float(tail_mass / tokens)}
+        return _tail_mass(batch)
 
 
 def epoch_keys(pool: TrainingPool, epochs: int) -> dict[str, Pair]:
@@ -467,13 +474,12 @@ def epoch_keys(pool: TrainingPool, epochs: int) -> dict[str, Pair]:
     return {pair_key(p.prompt, p.target): p for e in range(epochs) for p in pool.epoch_pairs(e)}
 
 
-def build_cache(cache: TeacherCache, pool: TrainingPool, needs: TeacherNeeds, score, what: str, *,
+def build_cache(cache: TeacherCache, wanted: dict[str, Pair], needs: TeacherNeeds, score, what: str, *,
                 collective: bool, concurrency: int = 1, decoder_start: int | None = None) -> None:
-    """Score the pairs of the first `needs.epochs` epochs of `pool` that `cache` lacks, each rank its share
-    (`score(keys, pairs, batch) -> (ids, log-probs)` over the batch's target positions; `collective`: every rank
-    runs as many batches, a ZeRO-3 forward), then index everything on disk; a killed build keeps its shards."""
+    """Score the `wanted` pairs (`epoch_keys`) that `cache` lacks, each rank its share (`score(keys, pairs,
+    batch) -> (ids, log-probs)` over the batch's target positions; `collective`: every rank runs as many
+    batches, a ZeRO-3 forward), then index everything on disk; a killed build keeps its shards."""
     dist, encoder = needs.dist, needs.encoder
-    wanted = epoch_keys(pool, needs.epochs)
     missing = sorted((p for key, p in wanted.items() if key not in cache), key=lambda p: len(p.prompt) + len(p.target))
     if missing:
         batches = [missing[i:i + needs.batch_size] for i in range(0, len(missing), needs.batch_size)]

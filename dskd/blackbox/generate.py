@@ -213,15 +213,22 @@ class EndpointGeneration:
             raise EndpointGenerationStopped(str(stop))
 
 
-def teacher_identity(client: EndpointClient) -> dict:
-    """Which teacher answers: the model id (asked from the endpoint when not configured) and a fingerprint
-    (the weights' fingerprint when the endpoint is dskd serve-teacher, else the model id)."""
+def listed_model(client: EndpointClient) -> dict:
+    """The endpoint's /models entry of the model it is asked for ({} when unlisted); the first one listed becomes
+    the client's model when none is configured."""
     models = client.list_models()
     if client.model is None:
         if not models:
             raise ConfigError(f"{client.public_base} does not list its models: set generate.endpoint.model")
         client.model = models[0]["id"]
-    entry = next((m for m in models or [] if m.get("id") == client.model), {})
+    return next((m for m in models or [] if m.get("id") == client.model), {})
+
+
+def teacher_identity(client: EndpointClient, entry: dict | None = None) -> dict:
+    """Which teacher answers: the model id (asked from the endpoint when not configured) and a fingerprint
+    (the weights' fingerprint when the endpoint is dskd serve-teacher, else the model id). `entry`: its /models
+    entry, when the caller has listed it already."""
+    entry = listed_model(client) if entry is None else entry
     fingerprint = entry.get("dskd_fingerprint") or f"endpoint-model:{client.model}"
     return {"endpoint": client.public_base, "model": client.model, "fingerprint": fingerprint}
 

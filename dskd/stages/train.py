@@ -187,8 +187,8 @@ class TrainingStage:
         else:
             check_model_source(recipe.student, "student")
             needs_teacher = any(s.teacher.local_model for s in self.specs)
-            if needs_teacher and t_spec.init == "pretrained":
-                check_model_source(t_spec, "teacher")
+            if (needs_teacher or recipe.student.init == "prune") and t_spec.init == "pretrained":
+                check_model_source(t_spec, "teacher")  # before the student is built; the teacher maybe never is
             if recipe.student.init == "prune":
                 teacher = self._build_teacher()
                 self.student_hf = prune_layers(teacher, recipe.student.prune).to(DTYPES[recipe.student.dtype])
@@ -213,9 +213,7 @@ class TrainingStage:
     def _build_teacher(self):
         """The teacher's weights (the fine-tuned ones when teacher.finetune), checked against its tokenizer."""
         spec = self.recipe.teacher
-        from_disk = spec.finetune or spec.init == "pretrained"
-        if spec.init == "pretrained":
-            check_model_source(spec, "teacher")
+        from_disk = spec.finetune or spec.init == "pretrained"  # its source was checked in setup_models
         teacher = build_model(spec, self.teacher_tokenizer, path=teacher_model_path(self.recipe) if from_disk else None)
         check_vocab_rows(teacher, self.teacher_tokenizer, "teacher")
         return teacher
