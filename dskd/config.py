@@ -45,6 +45,10 @@ class TrackingConfig(Strict):
     experiment: str = "dskd"
     log_model: bool = True  # the export as an MLflow model: transformers flavor (causal) or pyfunc (seq2seq)
     register_model: str | None = None  # ...and register it under this name in the model registry
+    # CPU/memory/disk/network (and GPU, where MLflow can read it) usage of training and generation runs, as
+    # system/* metrics: one sample every system_metrics_interval_s seconds, taken on a background thread
+    system_metrics: bool = True
+    system_metrics_interval_s: float = Field(10.0, gt=0)
 
 
 class SplitLimits(Strict):
@@ -111,6 +115,10 @@ class OptimConfig(Strict):
     grad_clip: float = 1.0
 
 
+# epochs that never end first: `max_steps` bounds the run (a study cell); MLflow shows "unbounded", not 1e6
+EPOCHS_UNBOUNDED = 1e6
+
+
 class TrainConfig(Strict):
     """What every training stage shares (teacher fine-tuning and distillation)."""
 
@@ -122,7 +130,7 @@ class TrainConfig(Strict):
     zero_stage: Literal[0, 1, 2, 3] | None = None  # None: the deepspeed_config file's stage, else 0
     offload_optimizer: bool = False
     deepspeed_config: str | None = None  # a JSON file merged under the settings above
-    log_every: int = 10
+    log_every: int = 10  # steps between metric sends: losses of every step, lr/grad norm/tokens/s of this one
     eval_every: int = 0  # steps; 0 = at the end of each epoch
     eval_examples: int = 200
     save_every: int = 0  # steps; 0 = only at the end (and on SIGUSR1/SIGTERM)

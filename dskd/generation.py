@@ -134,8 +134,10 @@ def generate_batch(model, encoder: Encoder, prompts: Sequence[list[int]], config
 
 def _fast_sampling(model, config: GenerationConfig) -> bool:
     """`dskd.sampling` for plain sampling; HF generate for greedy / beam and for models whose generation config
-    adds logits processors (e.g. BART's forced_bos_token_id)."""
-    return bool(config.do_sample) and config.num_beams == 1 and sampling.supports(model)
+    adds logits processors (e.g. BART's forced_bos_token_id) or that asks for a minimum length (the efficiency
+    probe's fixed-length outputs)."""
+    return (bool(config.do_sample) and config.num_beams == 1 and not config.min_new_tokens
+            and sampling.supports(model))
 
 
 def _distributed() -> bool:

@@ -13,14 +13,18 @@ Contracts:
     a tracking server, which may have died during the run; so they appear only when tracking is on; a series
     that is zero throughout, KD in a CE-only run, is left out); dotted vertical lines mark phase boundaries,
     each phase named above its span.
-  - Quality vs latency: ROUGE-L (y) against batch-1 `generate()` latency in ms (x, mean ± std), one labeled
-    point per model that was timed (teacher, students); the label carries parameters and greedy throughput;
-    the constant-output baseline, which has no latency, is a horizontal line.
+  - Quality vs latency: ROUGE-L (y) against batch-1 `generate()` latency per generated token (x, mean ± std;
+    every timed output has the same length, `dskd.evaluate.efficiency`), one labeled point per model that was
+    timed (teacher, students); the label carries parameters and greedy throughput in generated tokens/s; the
+    constant-output baseline, which has no latency, is a horizontal line.
+  - Readable: legends sit outside the axes (never over data), the layout is constrained and PNGs are cut to
+    their content (no clipped labels), error bars of quantities that cannot be negative stop at 0.
 """
 
 from __future__ import annotations
 
 import logging
+import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -43,7 +47,27 @@ def new_figure(figsize: tuple[float, float]) -> Figure:
     once, at the end, and need not carry matplotlib's ~25 MiB through the run."""
     from matplotlib.figure import Figure
 
-    return Figure(figsize=figsize)
+    return Figure(figsize=figsize, layout="constrained")
+
+
+def legend_outside(ax, **kwargs) -> None:
+    """The legend right of the axes, where it cannot cover data (the constrained layout makes room for it)."""
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=8, **kwargs)
+
+
+def describe_axes(ax, title: str, xlabel: str, ylabel: str) -> None:
+    """Title and axis labels, long ones wrapped onto more lines: a label wider than its axes is cut off."""
+    ax.set_title(textwrap.fill(title, 72))
+    ax.set_xlabel(textwrap.fill(xlabel, 72))
+    ax.set_ylabel(textwrap.fill(ylabel, 48))
+
+
+def nonnegative_error(value: float, spread: float | None) -> list[list[float]] | None:
+    """An asymmetric error bar [[below], [above]] that stops at 0: ROUGE, latency and throughput are never
+    negative, so a spread larger than the value must not draw a bar into negative numbers."""
+    if spread is None or spread != spread:
+        return None
+    return [[min(spread, max(value, 0.0))], [spread]]
 
 
 def save_png(fig: Figure, path: Path) -> Path:
@@ -84,7 +108,7 @@ def loss_curves_figure(series: dict[str, Series], phases: Sequence[tuple[str, in
     ax.set_ylabel("loss (per target token)")
     ax.set_title(title, pad=22)
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper right")
+    legend_outside(ax)
     return fig
 
 
@@ -127,50 +151,58 @@ def log_loss_curves(run: Tracker, losses: Sequence[float], phases: Sequence[tupl
 
 
 def model_label(name: str, metrics: dict[str, float]) -> str:
-    """'student:jt — 1.23M params, 45.6 ex/s' (what is known of the model's size and throughput)."""
+    """'student:jt — 1.23M params, 456 tokens/s' (what is known of the model's size and throughput)."""
     parts = []
     if "params" in metrics:
         params = metrics["params"]
         parts.append(f"{params / 1e6:.2f}M params" if params >= 1e5 else f"{int(params)} params")
-    if "throughput_ex_per_s" in metrics:
-        parts.append(f"{metrics['throughput_ex_per_s']:.1f} ex/s")
+    if "throughput_tokens_per_s" in metrics:
+        parts.append(f"{metrics['throughput_tokens_per_s']:.0f} tokens/s")
     return f"{name} — {', '.join(parts)}" if parts else name
 
 
-def quality_latency_figure(results: dict[str, dict[str, float]], title: str) -> Figure:
-    """ROUGE-L against latency, a labeled point per timed model, the untimed baselines as horizontal lines."""
+LATENCY, LATENCY_STD = "latency_ms_per_token_mean", "latency_ms_per_token_std"
+
+
+def quality_latency_figure(results: dict[str, dict[str, float]], title: str,
+                           ylabel: str = "ROUGE-L (F1 × 100)") -> Figure:
+    """ROUGE-L against latency per token, a labeled point per timed model, the untimed baselines as lines."""
     fig = new_figure(figsize=SIZE)
     ax = fig.add_subplot()
-    timed = {n: m for n, m in results.items() if "latency_ms_mean" in m and "rougeL" in m}
+    timed = {n: m for n, m in results.items() if LATENCY in m and "rougeL" in m}
     for i, (name, m) in enumerate(timed.items()):
         marker = "*" if name == "teacher" else "o"
-        ax.errorbar(m["latency_ms_mean"], m["rougeL"], xerr=m.get("latency_ms_std"), fmt=marker, capsize=4,
-                    markersize=13 if marker == "*" else 9, label=model_label(name, m))
-        ax.annotate(name, (m["latency_ms_mean"], m["rougeL"]), xytext=(8, 8 + 12 * (i % 3)),
-                    textcoords="offset points", fontsize=9)
+        ax.errorbar(m[LATENCY], m["rougeL"], xerr=nonnegative_error(m[LATENCY], m.get(LATENCY_STD)), fmt=marker,
+                    capsize=4, markersize=13 if marker == "*" else 9, label=model_label(name, m))
+        ax.annotate(name, (m[LATENCY], m["rougeL"]), xytext=(8, 8 + 12 * (i % 3)), textcoords="offset points",
+                    fontsize=9)
     for name, m in results.items():
         if name not in timed and "rougeL" in m:
             ax.axhline(m["rougeL"], color="0.5", linestyle="--", linewidth=1, label=f"{name}: {m['rougeL']:.2f}")
-    ax.set_xlabel("latency of one generate() call, batch 1 (ms, mean ± std)")
-    ax.set_ylabel("ROUGE-L (F1 × 100)")
-    ax.set_title(title)
+    tokens = next((m["probe_new_tokens"] for m in timed.values() if "probe_new_tokens" in m), None)
+    length = f", every output {tokens:.0f} tokens" if tokens is not None else ""
+    describe_axes(ax, title, f"batch-1 generate() latency (ms per generated token, mean ± std{length})", ylabel)
     ax.grid(alpha=0.3)
     ax.margins(x=0.25, y=0.2)
     low, high = ax.get_ylim()
     ax.set_ylim(max(low, -0.04 * high), high)  # ROUGE is never negative: no empty band below 0
-    ax.legend(loc="best", fontsize=8, title="model — size, greedy throughput", title_fontsize=8)
+    left, right = ax.get_xlim()
+    ax.set_xlim(max(left, 0.0), right)
+    legend_outside(ax, title="model — size, greedy throughput", title_fontsize=8)
     return fig
 
 
-def write_quality_latency(path: Path, results: dict[str, dict[str, float]], title: str) -> Path | None:
-    """The quality-vs-latency PNG of one evaluation split; None when no model was timed."""
-    if not any("latency_ms_mean" in m and "rougeL" in m for m in results.values()):
+def write_quality_latency(path: Path, results: dict[str, dict[str, float]], title: str,
+                          ylabel: str = "ROUGE-L (F1 × 100)") -> Path | None:
+    """The quality-vs-latency PNG of one evaluation set; None when no model was timed."""
+    if not any(LATENCY in m and "rougeL" in m for m in results.values()):
         return None
-    return save_png(quality_latency_figure(results, title), path)
+    return save_png(quality_latency_figure(results, title, ylabel), path)
 
 
 # ------------------------------------------------------------------------------------------------ study
 
+MARKERS = ("o", "s", "D", "^", "v", "P", "X", "h", "<", ">")
 Band = tuple[Sequence[int], Sequence[float], Sequence[float], Sequence[float]]  # steps, mean, low, high
 
 
@@ -184,28 +216,28 @@ def study_curves_figure(curves: dict[str, Band], levels: dict[str, float], title
         ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.15, linewidth=0)
     for i, (name, value) in enumerate(levels.items()):
         ax.axhline(value, color="0.2" if i == 0 else "0.55", linestyle="--", linewidth=1.2, label=f"{name}: {value:.2f}")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
+    describe_axes(ax, title, "optimizer step", ylabel)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8, ncols=2)
+    legend_outside(ax)
     return fig
 
 
 def quality_throughput_figure(points: dict[str, tuple[float, float, float]], title: str, xlabel: str,
                               ylabel: str) -> Figure:
-    """A point per model: (throughput, quality mean, quality spread); the teacher drawn as a star."""
+    """A point per model: (throughput, quality mean, quality spread, drawn down to 0 at most); the teacher drawn
+    as a star. Points of a study crowd together, so the legend names them (a marker and color each), not labels
+    on the plot that would overlap."""
     fig = new_figure(figsize=SIZE)
     ax = fig.add_subplot()
-    for i, (name, (x, y, spread)) in enumerate(points.items()):
-        marker = "*" if name == "teacher" else "o"
-        ax.errorbar(x, y, yerr=spread if spread == spread else None, fmt=marker, capsize=4,
+    shapes = iter(MARKERS * (1 + len(points) // len(MARKERS)))
+    for name, (x, y, spread) in points.items():
+        marker = "*" if name == "teacher" else next(shapes)
+        ax.errorbar(x, y, yerr=nonnegative_error(y, spread), fmt=marker, capsize=4,
                     markersize=13 if marker == "*" else 8, label=name)
-        ax.annotate(name, (x, y), xytext=(7, 6 + 10 * (i % 3)), textcoords="offset points", fontsize=8)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
+    describe_axes(ax, title, xlabel, ylabel)
     ax.grid(alpha=0.3)
     ax.margins(x=0.2, y=0.2)
-    ax.legend(loc="best", fontsize=8)
+    low, high = ax.get_ylim()
+    ax.set_ylim(max(low, -0.04 * high), high)
+    legend_outside(ax)
     return fig

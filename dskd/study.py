@@ -29,7 +29,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from dskd.config import STUDY_RESET, ConfigError, Recipe, format_errors, set_dotted
+from dskd.config import EPOCHS_UNBOUNDED, STUDY_RESET, ConfigError, Recipe, format_errors, set_dotted
 from dskd.layout import content_key, pt_store_dir, stage_dir
 
 # Keys that define what every cell shares (or the study's own bookkeeping): a variant cannot change them.
@@ -38,7 +38,6 @@ SHARED_KEYS = ("run", "tracking", "study", "data", "generate", "evaluate", "teac
                "teacher.gguf_file",
                "teacher.cache_dir", "teacher.cache_top_k", "teacher.cache_tail_samples",
                "distill.max_steps", "distill.epochs", "distill.eval_every", "distill.eval_examples")
-EPOCHS_UNBOUNDED = 1e6  # a cell runs study.steps optimizer steps; its epochs never end first
 
 
 @dataclass(frozen=True)

@@ -120,7 +120,7 @@ class TrainState:
     step: int = 0
     run_id: str | None = None
     losses: list[float] = field(default_factory=list)  # per optimizer step, global mean
-    dev_history: list[dict] = field(default_factory=list)  # {"step": N, "dev/rougeL": ...} per dev evaluation
+    dev_history: list[dict] = field(default_factory=list)  # {"step": N, "dev_subset100/rougeL": ...} per dev check
 
     def client_state(self) -> dict:
         return {**asdict(self), "losses": list(self.losses)}
@@ -398,16 +398,21 @@ class Trainer:
         """Log, stop on a stall (rule 3), evaluate on dev, stop on a signal, save: in that order."""
         phase, ctx, step = self.phases[index], self.ctx, self.state.step
         mbs, gas, world = ctx.train.micro_batch_size, ctx.train.grad_accum, ctx.dist.world_size
+        # Every step's losses are recorded (a list append); the tracker sends them, with the step's other
+        # metrics, every log_every steps as one batch (`Tracker.queue_metrics`).
+        losses = {"train/loss": self.state.losses[-1], "train/kd": float(stats.kd) / world,
+                  "train/ce": float(stats.ce) / world}
         if step % ctx.train.log_every == 0 or step == self.total_steps:
             ctx.run.log_metrics({
-                **phase.teacher.step_metrics(stats.tail_mass, stats.tokens),
-                "train/loss": self.state.losses[-1], "train/kd": float(stats.kd) / world,
-                "train/ce": float(stats.ce) / world, "train/lr": self.engine.get_lr()[0],
+                **phase.teacher.step_metrics(stats.tail_mass, stats.tokens), **losses,
+                "train/lr": self.engine.get_lr()[0],
                 **({"train/grad_norm": stats.grad_norm} if stats.grad_norm is not None else {}),
                 "train/tokens_per_s": float(stats.tokens) / stats.seconds,
                 "train/student_pt_batches": stats.student_batches / gas, "train/phase": index,
                 "train/epoch": self.state.micro / max(1, phase.pool.micro_batches_per_epoch(mbs, world)),
             }, step=step)
+        else:
+            ctx.run.queue_metrics(losses, step=step)
         self._stop_if_spiked(phase_start)
         stalled_since = self._stop_if_stalled(phase_start)
         if ctx.dev_metrics is not None and self._eval_due(step, phase.steps_per_epoch(mbs, gas, world), phase_start):

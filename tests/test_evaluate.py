@@ -46,12 +46,14 @@ def test_constant_baseline_predicts_the_most_common_target():
 def test_evaluate_generations_scores_the_models_own_outputs(tiny_tokenizer):
     model, enc = tiny_model("seq2seq", len(tiny_tokenizer)), tiny_encoder(tiny_tokenizer, "seq2seq")
     rows = [{"input": p, "target": "Return the value."} for p in PROMPTS]
-    metrics, predictions = evaluate_generations(model, enc, rows, DecodingConfig(batch_size=2), progress=False)
+    scores = evaluate_generations(model, enc, rows, DecodingConfig(batch_size=2), progress=False)
+    metrics, predictions = scores.metrics, scores.predictions
     ids = generate_ids(model, enc, [enc.prompt_ids(p) for p in PROMPTS], DecodingConfig())
     assert predictions == [group[0] for group in decode_texts(enc, ids)]
     assert {k: metrics[k] for k in ("rouge1", "rouge2", "rougeL", "bleu")} == task_metrics(
         predictions, ["Return the value."] * len(PROMPTS))
     assert metrics["gen_tokens_mean"] == sum(len(g[0]) for g in ids) / len(ids)
+    assert sum(scores.rougeL) / len(scores.rougeL) == pytest.approx(metrics["rougeL"])  # per example, same pass
     with pytest.raises(ValueError, match="num_return_sequences=1"):
         evaluate_generations(model, enc, rows, DecodingConfig(strategy="beam", num_return_sequences=2))
 
@@ -67,20 +69,21 @@ def test_efficiency_reports_sane_numbers(tiny_tokenizer):
     assert result["params"] == sum(p.numel() for p in small.parameters())
     expected_bytes = sum(t.numel() * t.element_size() for t in [*small.parameters(), *small.buffers()])
     assert result["model_mb"] == expected_bytes / 2**20
-    assert 0 < result["latency_ms_mean"] < 10_000 and result["latency_ms_std"] >= 0
-    assert 1 <= result["latency_gen_tokens_mean"] <= 12
-    assert result["throughput_ex_per_s"] > 0
-    assert set(result) == {"params", "model_mb", "latency_ms_mean", "latency_ms_std", "latency_gen_tokens_mean",
-                           "throughput_ex_per_s"}
+    assert 0 < result["latency_ms_per_token_mean"] < 10_000 and result["latency_ms_per_token_std"] >= 0
+    assert result["probe_new_tokens"] == 11  # fixed: max_new_tokens capped to max_target_tokens - 1
+    assert result["throughput_tokens_per_s"] > 0
+    assert set(result) == {"params", "model_mb", "probe_new_tokens", "latency_ms_per_token_mean",
+                           "latency_ms_per_token_std", "throughput_tokens_per_s"}
 
 
 def test_comparison_table_is_aligned_and_complete():
     results = {
         "teacher": {"rouge1": 41.234, "rouge2": 20.0, "rougeL": 38.5, "bleu": 12.25, "params": 8_300_000,
-                    "model_mb": 31.66, "latency_ms_mean": 120.04, "latency_ms_std": 3.21, "throughput_ex_per_s": 55.5},
+                    "model_mb": 31.66, "latency_ms_per_token_mean": 5.004, "latency_ms_per_token_std": 0.213,
+                    "throughput_tokens_per_s": 1055.5},
         "student (joint-teaching)": {"rouge1": 35.0, "rouge2": 15.0, "rougeL": 33.0, "bleu": 9.0,
-                                     "params": 2_600_000, "model_mb": 9.9, "latency_ms_mean": 40.0,
-                                     "latency_ms_std": 1.0, "throughput_ex_per_s": 150.0},
+                                     "params": 2_600_000, "model_mb": 9.9, "latency_ms_per_token_mean": 1.7,
+                                     "latency_ms_per_token_std": 0.1, "throughput_tokens_per_s": 3150.0},
         "constant baseline": {"rouge1": 10.0, "rouge2": 2.0, "rougeL": 9.5, "bleu": 0.5},
     }
     table = comparison_table(results)
@@ -88,7 +91,8 @@ def test_comparison_table_is_aligned_and_complete():
     assert len(lines) == 2 + len(results)
     assert len({len(line) for line in lines}) == 1, "fixed width: every line equally long"
     assert lines[0].split()[:5] == ["model", "ROUGE-1", "ROUGE-2", "ROUGE-L", "BLEU"]
-    assert "41.23" in lines[2] and "8.30M" in lines[2] and "120.0 ± 3.2" in lines[2] and "55.5" in lines[2]
+    assert "ms/token (batch 1)" in lines[0] and lines[0].endswith("tokens/s")
+    assert "41.23" in lines[2] and "8.30M" in lines[2] and "5.00 ± 0.21" in lines[2] and "1055.5" in lines[2]
     assert lines[4].startswith("constant baseline") and lines[4].split()[-4:] == ["-", "-", "-", "-"]
 
 

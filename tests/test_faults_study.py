@@ -98,7 +98,7 @@ def _record(seed: int, predictions: list[str]) -> dict:
     metrics = {"rougeL": sum(rouge) / len(rouge), "rouge1": 1.0, "rouge2": 0.5, "bleu": 0.2}
     return {"status": "ok", "seed": seed, "seconds": 1.0, "steps": 4,
             "splits": {"dev": {"metrics": metrics, "rougeL": rouge, "predictions": predictions}},
-            "efficiency": {"params": 1e5, "throughput_ex_per_s": 50.0, "latency_ms_mean": 9.0}, "dev_history": []}
+            "efficiency": {"params": 1e5, "throughput_tokens_per_s": 50.0, "latency_ms_per_token_mean": 9.0}, "dev_history": []}
 
 
 def test_the_report_flags_a_variant_whose_seeds_generated_identical_outputs(tmp_path):
@@ -109,7 +109,7 @@ def test_the_report_flags_a_variant_whose_seeds_generated_identical_outputs(tmp_
                for c in cells]
     teacher = {"splits": {"dev": {"metrics": {"rougeL": 40.0, "rouge1": 41.0, "rouge2": 20.0, "bleu": 10.0},
                                   "rougeL": [40.0] * 4}},
-               "efficiency": {"params": 6e5, "throughput_ex_per_s": 20.0, "latency_ms_mean": 30.0}}
+               "efficiency": {"params": 6e5, "throughput_tokens_per_s": 20.0, "latency_ms_per_token_mean": 30.0}}
     report = build_report(recipe, cells, records, teacher)
     flagged = report.results["variants"]["joint_teaching"]["identical_seeds"]
     assert flagged == {"seeds": [1, 2], "distinct_outputs": 2, "examples": 4, "empty_outputs": 3}

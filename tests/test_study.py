@@ -111,8 +111,9 @@ def _record(variant: str, seed: int, rouge: list[float], steps: int = 10) -> dic
     metrics = {"rougeL": float(np.mean(rouge)), "rouge1": 1.0, "rouge2": 0.5, "bleu": 0.2}
     return {"status": "ok", "variant": variant, "seed": seed, "seconds": 3.0, "steps": steps,
             "splits": {"dev": {"metrics": metrics, "rougeL": rouge}},
-            "efficiency": {"params": 1e6, "throughput_ex_per_s": 50.0, "latency_ms_mean": 9.0},
-            "dev_history": [{"step": 5, "dev/rougeL": metrics["rougeL"] / 2}, {"step": 10, "dev/rougeL": metrics["rougeL"]}]}
+            "efficiency": {"params": 1e6, "throughput_tokens_per_s": 50.0, "latency_ms_per_token_mean": 9.0},
+            "dev_history": [{"step": 5, "dev_subset20/rougeL": metrics["rougeL"] / 2},
+                            {"step": 10, "dev_subset20/rougeL": metrics["rougeL"]}]}
 
 
 def test_report_tables_failed_cells_comparisons_orderings_and_pictures(tmp_path):
@@ -132,7 +133,7 @@ def test_report_tables_failed_cells_comparisons_orderings_and_pictures(tmp_path)
             records.append(_record(cell.variant, cell.seed, list(base + level[cell.variant] + rng.normal(0, .1, 50))))
     teacher = {"splits": {"dev": {"metrics": {"rougeL": 40.0, "rouge1": 41.0, "rouge2": 20.0, "bleu": 10.0},
                                   "rougeL": [40.0] * 50}},
-               "efficiency": {"params": 6e6, "throughput_ex_per_s": 20.0, "latency_ms_mean": 30.0},
+               "efficiency": {"params": 6e6, "throughput_tokens_per_s": 20.0, "latency_ms_per_token_mean": 30.0},
                "baseline": {"dev": {"rougeL": 5.0, "rouge1": 6.0, "rouge2": 0.0, "bleu": 0.1}}}
     report = build_report(recipe, cells, records, teacher)
 
@@ -155,7 +156,8 @@ def test_report_tables_failed_cells_comparisons_orderings_and_pictures(tmp_path)
 
     paths = write_report(report, tmp_path / "report")
     names = {p.name for p in paths}
-    assert names == {"study_report.md", "study_report.json", "dev_rougeL_curves.png", "quality_throughput.png"}
+    assert names == {"study_report.md", "study_report.json", "dev_rougeL_curves.png", "quality_throughput.png",
+                     "report.html"}
     assert json.loads((tmp_path / "report" / "study_report.json").read_text())["variants"]["kd_pts_all"]["splits"][
         "dev"]["rougeL"]["std"] is None  # one seed: no spread (strict JSON null, not NaN)
     for name in ("dev_rougeL_curves.png", "quality_throughput.png"):
@@ -206,7 +208,7 @@ def test_quick_study_writes_report_pictures_and_mlflow_parent_with_a_child_per_c
         assert variant["seeds_ok"] == [1, 2]
         for split in ("dev", "test"):
             assert variant["splits"][split]["rougeL"]["n"] == 2 and variant["splits"][split]["rougeL"]["std"] is not None
-        assert variant["throughput_ex_per_s"]["mean"] > 0 and variant["params"] > 0
+        assert variant["throughput_tokens_per_s"]["mean"] > 0 and variant["params"] > 0
     assert set(report["comparisons"]["dev"]) == {"finetune"}  # the diverged variant has no seed to compare
     assert report["variants"]["diverges"]["seeds_failed"] == [1, 2]
     assert "diverges" in output and "FAILED (diverged)" in output
@@ -226,7 +228,8 @@ def test_quick_study_writes_report_pictures_and_mlflow_parent_with_a_child_per_c
     assert [r.info.run_name for r in runs if r.data.tags.get("dskd.stage") in ("teacher", "generate")].count(
         "teacher") == 1  # built once
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"study_report.md", "study_report.json", "dev_rougeL_curves.png", "quality_throughput.png"} <= artifacts
+    assert {"study_report.md", "study_report.json", "dev_rougeL_curves.png", "quality_throughput.png",
+            "report.html"} <= artifacts
     children = {}
     for run in runs:
         if run.data.tags.get("dskd.study.cell"):
@@ -242,7 +245,9 @@ def test_quick_study_writes_report_pictures_and_mlflow_parent_with_a_child_per_c
             assert all(r.info.status == "FAILED" or r.info.run_id in replaced for r in children[cell])
         else:
             assert len(found) == 1 and found[0].data.tags["dskd.study.variant"] == cell.split("-seed")[0]
-            assert "study/dev/rougeL" in found[0].data.metrics
+            metrics = found[0].data.metrics  # the cell's whole-split scores, next to its in-training dev_subset16 check
+            assert {"dev/rougeL", "test/rougeL", "dev_subset16/rougeL", "efficiency/throughput_tokens_per_s"} <= set(
+                metrics)
 
 
 def test_killed_study_continues_and_a_finished_study_is_reused(quick_study):

@@ -1,4 +1,4 @@
-"""Tracking-server outages (dskd/tracking.py): writes that cannot reach the server are buffered on disk, replayed
+"""Tracking-server outages (dskd/tracking/): writes that cannot reach the server are buffered on disk, replayed
 in order into the same run once it answers, at the run's end, or by `python -m dskd.tracking replay`.
 
 The fast tests inject transport failures into a sqlite-backed tracker; the slow one kills and restarts a real
@@ -23,9 +23,11 @@ import yaml
 from mlflow.exceptions import MlflowException, RestException
 from mlflow.protos.databricks_pb2 import ENDPOINT_NOT_FOUND
 
-from dskd import tracking
+import dskd.tracking.replay as tracking_replay
+import dskd.tracking.tracker as tracking_tracker
 from dskd.config import ConfigError, TrackingConfig
 from dskd.tracking import BUFFER_DIR, Tracker, TrackingUnavailable
+from dskd.tracking.http import unavailable
 from tests.conftest import launch_env, open_run_then, tiny_recipe
 
 DOWN = MlflowException("API request to http://127.0.0.1:1/api/2.0/mlflow/runs/log-batch failed with exception "
@@ -52,8 +54,8 @@ class FlakyClient:
 
 
 def _tracker(tmp_path, monkeypatch) -> tuple[Tracker, FlakyClient]:
-    monkeypatch.setattr(tracking, "_RETRY_MIN_S", 0.0)  # retry on every write: the test controls the outage
-    monkeypatch.setattr(tracking, "_RETRY_FACTOR", 0.0)
+    monkeypatch.setattr(tracking_tracker, "_RETRY_MIN_S", 0.0)  # retry on every write: the test controls the outage
+    monkeypatch.setattr(tracking_tracker, "_RETRY_FACTOR", 0.0)
     tracker = Tracker(TrackingConfig(experiment="tests", log_model=False), tmp_path)
     flaky = FlakyClient(tracker._client)
     tracker._client = flaky
@@ -69,14 +71,14 @@ def _history(tmp_path, run_id, key="train/loss"):
 
 
 def test_unavailable_classifies_transport_failures_not_rejections():
-    assert tracking._unavailable(DOWN)
-    assert tracking._unavailable(ConnectionRefusedError())
-    assert tracking._unavailable(MlflowException("API request to http://h/x failed with timeout exception ..."))
-    assert tracking._unavailable(RestException({"error_code": "TEMPORARILY_UNAVAILABLE", "message": "busy"}))
-    assert not tracking._unavailable(RestException({"error_code": "INVALID_PARAMETER_VALUE", "message": "no"}))
-    assert not tracking._unavailable(MlflowException("API request to endpoint /x failed with error code 404 != 200",
+    assert unavailable(DOWN)
+    assert unavailable(ConnectionRefusedError())
+    assert unavailable(MlflowException("API request to http://h/x failed with timeout exception ..."))
+    assert unavailable(RestException({"error_code": "TEMPORARILY_UNAVAILABLE", "message": "busy"}))
+    assert not unavailable(RestException({"error_code": "INVALID_PARAMETER_VALUE", "message": "no"}))
+    assert not unavailable(MlflowException("API request to endpoint /x failed with error code 404 != 200",
                                                      error_code=ENDPOINT_NOT_FOUND))
-    assert not tracking._unavailable(FileNotFoundError("recipe.yaml"))
+    assert not unavailable(FileNotFoundError("recipe.yaml"))
 
 
 def test_outage_mid_run_buffers_then_replays_every_step_once(tmp_path, monkeypatch, capsys):
@@ -104,8 +106,8 @@ def test_outage_mid_run_buffers_then_replays_every_step_once(tmp_path, monkeypat
 
 def test_catching_up_goes_a_slice_per_write(tmp_path, monkeypatch):
     tracker, flaky = _tracker(tmp_path, monkeypatch)
-    monkeypatch.setattr(tracking, "_REPLAY_SLICE_S", 0.0)  # one batch per write...
-    monkeypatch.setattr(tracking, "_REPLAY_BATCH", 2)  # ...of two buffered writes
+    monkeypatch.setattr(tracking_tracker, "_REPLAY_SLICE_S", 0.0)  # one batch per write...
+    monkeypatch.setattr(tracking_replay, "_REPLAY_BATCH", 2)  # ...of two buffered writes
     with tracker.run("distill") as run:
         run_id = run.run_id
         flaky.down = True
@@ -124,7 +126,7 @@ def test_catching_up_goes_a_slice_per_write(tmp_path, monkeypatch):
 
 def test_offline_writes_skip_the_network_until_a_retry_is_due(tmp_path, monkeypatch):
     tracker, flaky = _tracker(tmp_path, monkeypatch)
-    monkeypatch.setattr(tracking, "_RETRY_MIN_S", 3600.0)
+    monkeypatch.setattr(tracking_tracker, "_RETRY_MIN_S", 3600.0)
     with tracker.run("distill") as run:
         run_id = run.run_id
         flaky.down = True

@@ -22,9 +22,10 @@ from dskd.serve.cli import serve_in_subprocess
 from dskd.stages.evaluate import EvalReport, run_evaluate
 from dskd.stages.generate import run_generate
 from dskd.stages.train import train_stage
-from dskd.tracking import Tracker, tracking_uri
+from dskd.tracking import DESCRIPTION_TAG, Tracker, demo_description, parent_run_name, runs_view_url, tracking_uri
 
 BLACKBOX_STUDENTS = (("bb-ce", "ce"), ("bb-kd", "kd"))  # (student name, distill.loss)
+QUALITY_KEYS = ("rouge1", "rouge2", "rougeL", "bleu")  # evaluation metrics a registered student carries as tags
 
 
 def packaged_recipe(name: str, overrides: list[str] | None = None) -> Recipe:
@@ -62,7 +63,8 @@ def run_demo(recipe: Recipe) -> EvalReport:
     dist = init_distributed(recipe.run.device, recipe.run.dist_timeout_minutes)
     tracker = Tracker(recipe.tracking, recipe.run.output_dir, active=dist.is_main)
     jt_student = student_variant(recipe, "jt")
-    with tracker.run(f"demo-{recipe.run.name}", tags={"dskd.stage": "pipeline"}) as parent:
+    tags = {"dskd.stage": "pipeline", DESCRIPTION_TAG: demo_description(recipe)}
+    with tracker.run(parent_run_name("demo", recipe.run.name), tags=tags) as parent:
         parent.log_recipe(recipe)
         pid = parent.run_id
         timings: dict[str, float] = {}
@@ -77,13 +79,15 @@ def run_demo(recipe: Recipe) -> EvalReport:
         ce_student = student_variant(recipe, "ce", loss="ce", sources=["gold"], student_pt_ratio=0.0,
                                      final_ce_epochs=0.0,
                                      epochs=recipe.distill.epochs * pool_ratio + recipe.distill.final_ce_epochs)
+        students = {}
         for variant in (ce_student, jt_student):
             with timed(timings, f"distill_{variant.student.name}"):
-                train_stage(variant, "distill", parent_run_id=pid, tracker=tracker)
+                students[variant.student.name] = train_stage(variant, "distill", parent_run_id=pid, tracker=tracker)
         with timed(timings, "evaluate"):
             evaluation = recipe.model_copy(update={"evaluate": recipe.evaluate.model_copy(update={
                 "students": ["ce", "jt"]})})
             report = run_evaluate(evaluation, parent_run_id=pid, tracker=tracker)
+        register_student(parent, recipe, report, students["jt"].run_id)
         finish_demo(recipe, parent, report, timings, start, "demo", dist.is_main)
     return report
 
@@ -93,7 +97,8 @@ def run_blackbox_demo(recipe: Recipe, *, quick: bool) -> EvalReport:
     start = time.perf_counter()
     tracker = Tracker(recipe.tracking, recipe.run.output_dir)
     timings: dict[str, float] = {}
-    with tracker.run(f"demo-{recipe.run.name}", tags={"dskd.stage": "pipeline"}) as parent:
+    tags = {"dskd.stage": "pipeline", DESCRIPTION_TAG: demo_description(recipe, blackbox=True)}
+    with tracker.run(parent_run_name("demo", recipe.run.name), tags=tags) as parent:
         with timed(timings, "teacher"):
             teacher = train_stage(demo_recipe(quick), "teacher")  # its own output dir and MLflow store
         recipe = recipe.model_copy(update={"teacher": recipe.teacher.model_copy(update={
@@ -124,6 +129,18 @@ def run_blackbox_demo(recipe: Recipe, *, quick: bool) -> EvalReport:
     return report
 
 
+def register_student(parent: Tracker, recipe: Recipe, report: EvalReport, run_id: str | None) -> None:
+    """The Joint-Teaching student in the model registry as `<experiment>-joint-teaching-student`, tagged with its
+    run's teacher, data and PT fingerprints and its evaluation (`Tracker.register_model`)."""
+    tags = {"dskd.pipeline": recipe.run.name, "dskd.student": "jt"}
+    for key, row in report.results.items():  # "<evaluation set>/<model>" -> metrics
+        where, _, model = key.partition("/")
+        if model == "student:jt":
+            tags.update({f"eval.{where}.{k}": f"{row[k]:.4g}" for k in QUALITY_KEYS if isinstance(row.get(k), float)})
+    parent.register_model(run_id, f"{recipe.tracking.experiment}-joint-teaching-student", tags,
+                          description=f"The Joint-Teaching student of `dskd demo` ({recipe.run.name}).")
+
+
 def finish_demo(recipe: Recipe, parent, report: EvalReport, timings: dict[str, float], start: float, label: str,
                 is_main: bool = True) -> None:
     """Log a demo's stage timings and report on its parent run, and say where to look at it."""
@@ -137,3 +154,5 @@ def finish_demo(recipe: Recipe, parent, report: EvalReport, timings: dict[str, f
               f"({', '.join(f'{k} {v:.0f}s' for k, v in timings.items() if k != 'total')})")
         print(f"[dskd] MLflow run: {parent.run_id} (experiment '{recipe.tracking.experiment}')")
         print(f"[dskd] open it with:  mlflow ui --backend-store-uri {uri}")
+        if parent.active:
+            print(f"[dskd] then the training runs at:  {runs_view_url(parent.experiment_id)}")

@@ -19,7 +19,7 @@ from dskd.data.task import check_data_paths, load_task
 from dskd.layout import pt_store_dir
 from dskd.locking import stage_lock
 from dskd.teachers import teacher_for
-from dskd.tracking import Tracker
+from dskd.tracking import DESCRIPTION_TAG, Tracker, generate_description, task_inputs
 
 
 def run_generate(recipe: Recipe, *, parent_run_id: str | None = None, tracker: Tracker | None = None) -> Path:
@@ -38,9 +38,11 @@ def run_generate(recipe: Recipe, *, parent_run_id: str | None = None, tracker: T
         tracker = tracker or Tracker(recipe.tracking, recipe.run.output_dir, active=is_main)
         tags = {"dskd.stage": "generate", **source.tags(), "dskd.data_fingerprint": task.fingerprint,
                 "dskd.pt_dataset": str(store.root)}
-        with tracker.run("generate", parent_id=parent_run_id, tags=tags) as run:
+        tags[DESCRIPTION_TAG] = generate_description(recipe, tags.get("dskd.teacher", "?"))
+        with tracker.run("generate", parent_id=parent_run_id, tags=tags, system_metrics=True) as run:
             run.log_params({**source.params(), "generate.splits": recipe.generate.splits,
                             "generate.inputs": source.inputs})
+            run.log_inputs(task_inputs(task, dict.fromkeys(recipe.generate.splits, "generation")))
             start = time.perf_counter()
             with preemption.handling():
                 source.generate(run)

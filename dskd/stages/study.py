@@ -4,9 +4,10 @@
               store (`dskd generate`), the teacher's evaluation (shared/teacher_eval.json); each built once,
               reused, its fingerprint recorded on the study's parent MLflow run
     cells     per cell: `dskd distill` with the cell's recipe (a child run of the study's, tagged with variant and
-              seed; resumed from its checkpoint when one exists), then greedy decoding of dev/test (per-example
-              ROUGE kept for paired tests) and generation throughput -> cells/<name>/cell.json. A finished cell is
-              reused; a cell that diverges is recorded as failed and the study goes on
+              seed; resumed from its checkpoint when one exists), then its student scored on the evaluate splits
+              by `dskd.evaluation` (the path `dskd evaluate` takes; per-example ROUGE kept for paired tests),
+              efficiency included -> cells/<name>/cell.json and the cell's run (`dev/rougeL`, `efficiency/...`).
+              A finished cell is reused; a cell that diverges is recorded as failed and the study goes on
     report    `dskd.study_report` over every finished cell -> report/study_report.md/.json and the PNGs, logged
               to the parent run
 
@@ -19,65 +20,27 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 import torch.distributed as torch_dist
 
 from dskd.atomic import atomic_write_text
 from dskd.config import ConfigError, Recipe
-from dskd.data.collate import Encoder, Formatting
 from dskd.data.pt_store import PTStore
-from dskd.data.task import TaskData, load_task
+from dskd.data.task import load_task
 from dskd.engines import init_distributed
-from dskd.evaluate import EfficiencyConfig, constant_baseline, efficiency, evaluate_generations, rouge_per_example
+from dskd.evaluation import EVALUATION_VERSION, Evaluator, metric_key
 from dskd.gguf import gguf_path
 from dskd.layout import content_key, pt_store_dir, read_done, stage_dir, stage_key
-from dskd.models import detect_arch, load_model
 from dskd.stages.generate import run_generate
 from dskd.stages.train import train_stage
 from dskd.study import Cell, cell_key, read_cell, report_dir, shared_recipe, study_cells, study_root
 from dskd.study_report import StudyReport, build_report, write_report
 from dskd.teachers import teacher_for
-from dskd.tracking import Tracker
+from dskd.tracking import DESCRIPTION_TAG, Tracker, parent_run_name, runs_view_url, study_description
 from dskd.trainer import TrainingDiverged
 
 STEPS = ("prepare", "cells", "report", "all")
-
-
-@dataclass
-class Scorer:
-    """Decodes a split with the recipe's evaluation decoding and scores it (shared by teacher and cells)."""
-
-    recipe: Recipe
-    task: TaskData
-    tokenizer: object
-    device: torch.device
-
-    def score(self, spec, path: Path) -> dict:
-        """{"splits": {split: {"metrics", "rougeL"}}, "efficiency": {...}} of the model at `path`."""
-        cfg = self.recipe.evaluate
-        model = load_model(spec, path=str(path)).to(self.device).eval()
-        encoder = Encoder(self.tokenizer, Formatting.from_data(self.recipe.data, detect_arch(model.config)))
-        decoding = cfg.decoding
-        splits = {}
-        for split in cfg.splits:
-            rows = self.task.require(split)
-            if cfg.max_examples:
-                rows = rows.select(range(min(len(rows), cfg.max_examples)))
-            metrics, predictions = evaluate_generations(model, encoder, rows, decoding, progress=False)
-            per_example = rouge_per_example(predictions, rows["target"])
-            splits[split] = {"metrics": metrics, "rougeL": per_example["rougeL"], "predictions": predictions}
-        prompts = [encoder.prompt_ids(x) for x in self.task.require(cfg.splits[0])["input"][: cfg.efficiency_batch_size]]
-        speed = efficiency(model, encoder, prompts, decoding, EfficiencyConfig(
-            batch_size=cfg.efficiency_batch_size, repeats=cfg.efficiency_repeats))
-        return {"splits": splits, "efficiency": speed}
-
-    def baseline(self) -> dict[str, dict[str, float]]:
-        targets = self.task.require("labeled")["target"]
-        return {split: constant_baseline(targets, self.task.require(split)["target"])
-                for split in self.recipe.evaluate.splits}
 
 
 class Study:
@@ -101,8 +64,8 @@ class Study:
 
     def open_parent(self):
         """The study's parent MLflow run: created once, reopened by every later invocation."""
-        return self.tracker.run(f"study-{self.recipe.run.name}", run_id=self.parent_run_id(),
-                                tags={"dskd.stage": "study"})
+        return self.tracker.run(parent_run_name("study", self.recipe.run.name), run_id=self.parent_run_id(),
+                                tags={"dskd.stage": "study", DESCRIPTION_TAG: study_description(self.recipe)})
 
     def remember_parent(self, run: Tracker) -> None:
         """Record the parent run (study.json) and log the recipe and variants to it, once."""
@@ -134,21 +97,25 @@ class Study:
                                     f"generator {meta.get('generator', '?')}, seed {meta.get('seed', '?')})"
         return out
 
-    def scorer(self) -> Scorer:
+    def evaluator(self) -> tuple[Evaluator, list[str]]:
+        """The evaluation the teacher and every cell share (`dskd.evaluation`, as `dskd evaluate`), and the
+        labeled targets the constant baseline picks from."""
         task = load_task(self.shared, True, needed=("labeled", *self.recipe.evaluate.splits))
-        return Scorer(self.recipe, task, teacher_for(self.shared).tokenizer(self.shared, task), self.dist.device)
+        tokenizer = teacher_for(self.shared).tokenizer(self.shared, task)
+        return Evaluator.from_recipe(self.recipe, task, tokenizer, self.dist.device), task.require("labeled")["target"]
 
     def teacher_record(self) -> dict:
         """The teacher's (and the constant baseline's) evaluation, computed once (shared/teacher_eval.json)."""
         path = Path(self.shared.run.output_dir) / "teacher_eval.json"
         teacher_dir = self.cells[0].recipe.teacher.path
-        key = content_key([teacher_dir, _model_stamp(Path(teacher_dir)), self.recipe.evaluate.model_dump(mode="json")])
+        key = content_key([teacher_dir, _model_stamp(Path(teacher_dir)), self.recipe.evaluate.model_dump(mode="json"),
+                           EVALUATION_VERSION])
         if path.is_file() and (record := json.loads(path.read_text())).get("key") == key:
             return record
-        scorer = self.scorer()
+        evaluator, labeled_targets = self.evaluator()
         print(f"[dskd] study: evaluating the teacher ({teacher_dir}) on {', '.join(self.recipe.evaluate.splits)}")
-        record = {"key": key, "path": teacher_dir, **scorer.score(self.cells[0].recipe.teacher, Path(teacher_dir)),
-                  "baseline": scorer.baseline()}
+        scored = evaluator.evaluate(self.cells[0].recipe.teacher, teacher_dir)
+        record = {"key": key, "path": teacher_dir, **scored.record(), "baseline": evaluator.baseline(labeled_targets)}
         atomic_write_text(path, json.dumps(record))
         return record
 
@@ -161,17 +128,17 @@ class Study:
         if teacher.init == "pretrained" and not exists:
             raise ConfigError(f"the study's teacher {teacher.path} does not exist yet: run `dskd study --step "
                               "prepare` (same recipe and --output-dir) first")
-        scorer = None
+        evaluator = None
         for position, cell in enumerate(selected, 1):
             progress = f"({position}/{len(selected)})"
-            if read_cell(cell) is not None:
+            if finished_record(cell) is not None:
                 if self.dist.is_main:
                     print(f"[dskd] study: {_label(cell)} {progress}: already finished (reused)")
                 continue
             if self.dist.is_main:
                 print(f"[dskd] study: {_label(cell)} {progress}: training")
-            scorer = scorer or (self.scorer() if self.dist.is_main else None)
-            self.run_cell(cell, parent, scorer)
+            evaluator = evaluator or (self.evaluator()[0] if self.dist.is_main else None)
+            self.run_cell(cell, parent, evaluator)
 
     def _cell(self, index: int) -> Cell:
         if not 0 <= index < len(self.cells):
@@ -179,7 +146,7 @@ class Study:
                               "--list-cells` lists them)")
         return self.cells[index]
 
-    def run_cell(self, cell: Cell, parent: str | None, scorer: Scorer | None) -> dict:
+    def run_cell(self, cell: Cell, parent: str | None, evaluator: Evaluator | None) -> dict:
         tags = {"dskd.study.variant": cell.variant, "dskd.study.seed": str(cell.seed), "dskd.study.cell": cell.name}
         record = {"key": cell_key(cell), "variant": cell.variant, "seed": cell.seed, "index": cell.index}
         start = time.perf_counter()
@@ -193,17 +160,18 @@ class Study:
                 atomic_write_text(cell.marker, json.dumps(record))
             return record
         if self.dist.is_main:
-            scored = scorer.score(cell.recipe.student, result.model_dir)
-            record.update(status="ok", run_id=result.run_id, steps=result.steps, dev_history=result.dev_history,
-                          train_seconds=time.perf_counter() - start, **scored)
+            scored = evaluator.evaluate(cell.recipe.student, result.model_dir, own_tokenizer=True)
+            record.update(status="ok", evaluation=EVALUATION_VERSION, run_id=result.run_id, steps=result.steps,
+                          dev_history=result.dev_history, train_seconds=time.perf_counter() - start, **scored.record())
             with self.tracker.run(f"distill-{cell.name}", run_id=result.run_id, parent_id=parent, tags=tags) as run:
-                run.log_metrics({f"study/{split}/{k}": v for split, s in scored["splits"].items()
-                                 for k, v in s["metrics"].items()}
-                                | {f"study/{k}": v for k, v in scored["efficiency"].items()}, step=result.steps)
+                run.log_metrics({k: v for s in scored.sets.values() for k, v in s.metrics().items()}
+                                | {metric_key("efficiency", k): v for k, v in scored.efficiency.items()},
+                                step=result.steps)
             record["seconds"] = time.perf_counter() - start
             atomic_write_text(cell.marker, json.dumps(record))
-            dev = scored["splits"].get("dev", next(iter(scored["splits"].values())))["metrics"]
-            print(f"[dskd] study: {_label(cell)} done in {record['seconds']:.0f}s: ROUGE-L {dev['rougeL']:.2f}")
+            dev = scored.sets.get("dev", next(iter(scored.sets.values())))
+            print(f"[dskd] study: {_label(cell)} done in {record['seconds']:.0f}s: {dev.name} ROUGE-L "
+                  f"{dev.scores.metrics['rougeL']:.2f}")
         if torch_dist.is_initialized():
             torch_dist.barrier()
         return record
@@ -211,7 +179,7 @@ class Study:
     # -- report -----------------------------------------------------------------------------------------------
 
     def report(self, run: Tracker | None) -> StudyReport:
-        records = [read_cell(cell) for cell in self.cells]
+        records = [finished_record(cell) for cell in self.cells]
         report = build_report(self.recipe, self.cells, records, self.teacher_record())
         paths = write_report(report, report_dir(self.recipe))
         if run is not None:
@@ -241,8 +209,44 @@ def run_study(recipe: Recipe, step: str = "all", cells: list[int] | None = None)
             study.run_cells(parent.run_id, None)
         if step in ("report", "all") and study.dist.is_main:
             report = study.report(parent)
+            register_best_student(parent, study, report)
             parent.log_metrics({"study/wall_s": time.perf_counter() - start})
+    if report is not None and study.tracker.active:
+        print(f"[dskd] MLflow: the study's runs at {runs_view_url(study.tracker.experiment_id)} (`mlflow ui "
+              f"--backend-store-uri {study.tracker.uri}`)")
     return report
+
+
+def register_best_student(parent: Tracker, study: Study, report: StudyReport) -> None:
+    """The best cell's student in the model registry as `<experiment>-best-student`: the variant with the highest
+    mean ROUGE-L over seeds on the first evaluation split (the report's numbers), its best seed."""
+    split, recipe = study.recipe.evaluate.splits[0], study.recipe
+    means = {name: v["splits"][split]["rougeL"]["mean"] for name, v in report.results["variants"].items()
+             if v.get("seeds_ok") and split in v.get("splits", {})}
+    means = {name: mean for name, mean in means.items() if mean == mean}  # NaN: no finished seed
+    if not means:
+        return
+    variant = max(means, key=means.get)
+    records = [r for r in (finished_record(cell) for cell in study.cells)
+               if r and r.get("status") == "ok" and r.get("variant") == variant and r.get("run_id")]
+    if not records:
+        return
+    best = max(records, key=lambda r: r["splits"][split]["metrics"]["rougeL"])
+    tags = {"dskd.study": recipe.run.name, "dskd.study.variant": variant, "dskd.study.seed": str(best["seed"]),
+            f"study.{split}.rougeL_mean_over_seeds": f"{means[variant]:.4g}",
+            f"study.{split}.rougeL": f"{best['splits'][split]['metrics']['rougeL']:.4g}"}
+    parent.register_model(best["run_id"], f"{recipe.tracking.experiment}-best-student", tags,
+                          description=f"The best student of `dskd study` ({recipe.run.name}): the variant with the "
+                                      f"highest mean {split} ROUGE-L over seeds, its best seed.")
+
+
+def finished_record(cell: Cell) -> dict | None:
+    """A cell's record if it finished with this recipe and, when it has scores, was scored by this evaluation
+    path; an older record is scored again (its trained student is reused), never mixed with new scores."""
+    record = read_cell(cell)
+    if record is not None and record.get("status") == "ok" and record.get("evaluation") != EVALUATION_VERSION:
+        return None
+    return record
 
 
 def _label(cell: Cell) -> str:

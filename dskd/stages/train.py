@@ -32,7 +32,7 @@ from dskd.data.collate import Encoder, Formatting
 from dskd.data.pt_store import PTStore
 from dskd.data.task import TaskData, check_data_paths, load_task
 from dskd.engines import DistInfo, create_student_engine, init_distributed, student_ds_config
-from dskd.evaluate import evaluate_generations
+from dskd.evaluation import EvalSet, score_set
 from dskd.generation import DecodingConfig, generate_ids
 from dskd.joint_teaching import JointTeaching
 from dskd.locking import stage_lock
@@ -53,7 +53,7 @@ from dskd.models import (
 from dskd.objectives import loss_config
 from dskd.student import StudentWithLoss
 from dskd.teachers import NoTeacher, Teacher, TeacherNeeds, teacher_for
-from dskd.tracking import Tracker
+from dskd.tracking import DESCRIPTION_TAG, DataInput, Tracker, store_input, task_inputs, training_description
 from dskd.trainer import Phase, TrainContext, Trainer, TrainState
 
 _GREEDY_PROBE = DecodingConfig(strategy="greedy", max_new_tokens=16, batch_size=8)
@@ -266,7 +266,7 @@ class TrainingStage:
         run_name = "teacher" if self.stage == "teacher" else f"distill-{recipe.student.name}"
         with preemption.handling():
             with tracker.run(run_name, parent_id=parent_run_id, run_id=state.run_id,
-                             tags={**self._tags(), **(tags or {})}) as run:
+                             tags={**self._tags(tags or {}), **(tags or {})}, system_metrics=True) as run:
                 if state.run_id is None:
                     self._log_start(run)
                 state.run_id = run.run_id
@@ -290,19 +290,37 @@ class TrainingStage:
             plots.log_loss_curves(run, state.losses, [(p.name, p.steps) for p in self.phases],
                                   self.out_dir / "loss_curves.png", f"{name}: training losses per optimizer step")
 
-    def _tags(self) -> dict[str, str]:
+    def _tags(self, extra: dict[str, str]) -> dict[str, str]:
+        """The run's tags: stage, data and teacher fingerprints, PT store, and its description (what is trained
+        from what, with which objective; a study cell's variant and seed from `extra`)."""
         recipe = self.recipe
         teacher = (self.primary.identity(recipe) if self.stage == "distill"
                    else recipe.teacher.path or f"config:{recipe.teacher.model_type}")
-        tags = {"dskd.stage": self.stage, "dskd.data_fingerprint": self.task.fingerprint, "dskd.teacher": str(teacher)}
+        description = training_description(recipe, self.stage, str(teacher))
+        if "dskd.study.variant" in extra:
+            description += f" Study cell: variant '{extra['dskd.study.variant']}', seed {extra['dskd.study.seed']}."
+        tags = {"dskd.stage": self.stage, "dskd.data_fingerprint": self.task.fingerprint, "dskd.teacher": str(teacher),
+                DESCRIPTION_TAG: description}
         if self.pts is not None:
             store = PTStore(pt_store_dir(recipe))
             tags["dskd.pt_dataset"] = str(store.root)
             tags["dskd.pt_meta"] = json.dumps(store.read_meta().get("teacher", {}))[:5000]
         return tags
 
+    def _inputs(self) -> list[DataInput]:
+        """The datasets this run reads: the labeled split (when a phase trains on gold), dev, and the PT store."""
+        gold = any("gold" in s.sources for s in self.specs)
+        dev = self.train_cfg.eval_examples > 0
+        inputs = task_inputs(self.task, {**({"labeled": "training"} if gold else {}),
+                                         **({"dev": "validation"} if dev else {})})
+        if self.pts is not None:
+            store = PTStore(pt_store_dir(self.recipe))
+            inputs.append(store_input(store.root, store.meta_path, len(self.pts)))
+        return inputs
+
     def _log_start(self, run: Tracker) -> None:
         run.log_recipe(self.recipe)
+        run.log_inputs(self._inputs())
         run.log_dict(student_ds_config(self.train_cfg, self.dist.world_size, self.dtype), "deepspeed_config.json")
         run.log_params({"model/params": parameter_count(self.model), "model/arch": self.arch,
                         "schedule/total_steps": sum(p.steps for p in self.phases),
@@ -315,16 +333,14 @@ class TrainingStage:
         run.log_metrics(self.task.metrics(), step=0)
 
     def dev_metrics(self) -> dict[str, float]:
-        """Dev ROUGE/BLEU on a fixed subset with greedy decoding: cheap enough to watch during training."""
+        """The dev check: the first train.eval_examples dev examples, decoded with evaluate.decoding and scored
+        by the path `dskd evaluate` takes (`dskd.evaluation`), so it is logged as `dev_subset<N>/...` (`dev/...`
+        when N covers the split) and equals what `dskd evaluate` reports for the exported model on those examples."""
         dev, train = self.task.splits.get("dev"), self.train_cfg
         if dev is None or train.eval_examples <= 0:
             return {}
-        rows = dev.select(range(min(len(dev), train.eval_examples)))
-        decoding = DecodingConfig(strategy="greedy", max_new_tokens=self.encoder.formatting.max_target_tokens,
-                                  batch_size=max(train.micro_batch_size, 16))
-        metrics, _ = evaluate_generations(self.model, self.encoder, rows, decoding, progress=False,
-                                          synced_gpus=self.synced_gpus)
-        return {f"dev/{k}": v for k, v in metrics.items()}
+        return score_set(self.model, self.encoder, EvalSet.first("dev", dev, train.eval_examples),
+                         self.recipe.evaluate.decoding, synced_gpus=self.synced_gpus).metrics()
 
     def export(self, run: Tracker, state: TrainState, final: dict[str, float]) -> Path:
         """Consolidate (ZeRO-3 aware), write the HF directory, reload it and check it generates what the engine
