@@ -139,12 +139,14 @@ def prune_old(root: Path, keep: int, is_main: bool) -> None:
 
 
 def consolidated_state_dict(engine) -> dict[str, torch.Tensor] | None:
-    """Full weights on rank 0 from any ZeRO stage (None on other ranks)."""
+    """Full weights on rank 0 from any ZeRO stage (None on other ranks), in host memory. Not a copy where they
+    already are there (ZeRO-0/1/2 on CPU): the caller writes them after the last step, when nothing changes
+    them, and a copy would hold the model twice."""
     if engine.zero_optimization_partition_weights():
         sd = engine._zero3_consolidated_16bit_state_dict()
     else:
         sd = engine.module.state_dict() if (not dist.is_initialized() or dist.get_rank() == 0) else None
-    return None if sd is None else {k: v.detach().cpu().clone() for k, v in sd.items()}
+    return None if sd is None else {k: v.detach().cpu() for k, v in sd.items()}
 
 
 def export_hf(model, state_dict: dict[str, torch.Tensor] | None, tokenizer, out_dir: Path, prefix: str = "",

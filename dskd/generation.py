@@ -69,9 +69,12 @@ def generation_config(model, encoder: Encoder, decoding: DecodingConfig) -> Gene
         "typical_p": 1.0,
         "use_cache": True,
     }
-    if pad_id != eos_id:
-        # A padding token inside a target would be trained on as text; a tuned model never wants it there.
-        settings["suppress_tokens"] = [pad_id]
+    # A padding token inside a target would be trained on as text; a tuned model never wants it there. Nor a row
+    # of the head beyond the tokenizer (T5's 28, a Llama head padded to a multiple of 64, a config-built model
+    # with the 128k rows of its family): no text decodes to it and the loss refuses it.
+    suppressed = ([pad_id] if pad_id != eos_id else []) + list(range(len(tokenizer), _head_rows(model, tokenizer)))
+    if suppressed:
+        settings["suppress_tokens"] = suppressed
     if encoder.formatting.arch == "seq2seq":
         start = model.generation_config.decoder_start_token_id
         settings["decoder_start_token_id"] = start if start is not None else model.config.decoder_start_token_id
@@ -83,6 +86,12 @@ def generation_config(model, encoder: Encoder, decoding: DecodingConfig) -> Gene
     else:
         settings.update(do_sample=False, num_beams=1)
     return GenerationConfig(**settings)
+
+
+def _head_rows(model, tokenizer) -> int:
+    """The rows of the model's output head (its config's vocab_size: the head may be partitioned under ZeRO-3)."""
+    config = getattr(model, "config", None)
+    return max(len(tokenizer), int(getattr(config, "vocab_size", 0) or 0))
 
 
 def batch_seed(seed: int, batch_index: int) -> int:
@@ -126,7 +135,8 @@ def generate_batch(model, encoder: Encoder, prompts: Sequence[list[int]], config
             torch.manual_seed(seed)
         if _fast_sampling(model, config):
             generated = sampling.sample(model, encoder.formatting.arch, batch["input_ids"], batch["attention_mask"],
-                                        _sampling_settings(config), synced=synced_gpus and _distributed())
+                                        _sampling_settings(config, len(encoder.tokenizer)),
+                                        synced=synced_gpus and _distributed())
             return _finish_rows(generated.cpu(), encoder, config.num_return_sequences)
         sequences = model.generate(**batch, generation_config=config, synced_gpus=synced_gpus)
     return cut_generated(sequences.cpu(), batch["input_ids"].shape[1], encoder, config.num_return_sequences)
@@ -144,11 +154,11 @@ def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
-def _sampling_settings(config: GenerationConfig) -> sampling.SamplingSettings:
+def _sampling_settings(config: GenerationConfig, vocab_size: int) -> sampling.SamplingSettings:
     return sampling.SamplingSettings(
         num_return_sequences=config.num_return_sequences, temperature=config.temperature, top_p=config.top_p,
         top_k=config.top_k or 0, max_new_tokens=config.max_new_tokens, eos_id=config.eos_token_id,
-        pad_id=config.pad_token_id, decoder_start_id=config.decoder_start_token_id)
+        pad_id=config.pad_token_id, decoder_start_id=config.decoder_start_token_id, vocab_size=vocab_size)
 
 
 def _agreed_batch_count(local: int, synced_gpus: bool) -> int:

@@ -48,6 +48,7 @@ class SamplingSettings:
     eos_id: int
     pad_id: int
     decoder_start_id: int | None = None  # seq2seq only
+    vocab_size: int | None = None  # the tokenizer's: head rows beyond it (padding) are never drawn
 
     @property
     def suppress_pad(self) -> bool:
@@ -100,6 +101,8 @@ def nucleus(logits: torch.Tensor, top_k: int, top_p: float) -> Iterator[tuple[to
 
 def next_tokens(logits: torch.Tensor, settings: SamplingSettings, generator: torch.Generator | None) -> torch.Tensor:
     """One token per row of `logits` [N, V] (last position), drawn from the filtered distribution."""
+    if settings.vocab_size is not None and logits.shape[-1] > settings.vocab_size:
+        logits = logits[:, :settings.vocab_size]
     logits = logits.float()
     if settings.suppress_pad:
         logits[:, settings.pad_id] = float("-inf")

@@ -129,3 +129,23 @@ def test_k_samples_share_one_prefill_and_are_seeded(family, tiny_tokenizer):
     else:
         assert calls[0][0] == len(PROMPTS)  # the prefill saw each prompt once (K expands the cache afterwards)
         assert all(shape[1] == 1 for shape in calls[1:])
+
+
+@pytest.mark.parametrize("strategy", ["sampling", "greedy"])
+def test_head_rows_beyond_the_tokenizer_are_never_generated(strategy, tiny_tokenizer):
+    """A head padded beyond the tokenizer (T5's 28 rows; a config-built student with its family's 128k rows): the
+    padding rows, made the most likely tokens here, are never drawn by the sampler nor chosen by HF's greedy
+    search; the loss would refuse them and no text decodes to them."""
+    torch.manual_seed(0)
+    real = len(tiny_tokenizer)
+    config = AutoConfig.for_model("llama", **{**tiny_config_kwargs("llama", real + 200)})
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        model.get_output_embeddings().weight[real:] *= 50  # the padding rows dominate every distribution
+    encoder = Encoder(tiny_tokenizer, Formatting("causal", 32, 12))
+    prompts = [encoder.prompt_ids(text) for text in ("def add(a, b):", "return x", "class Foo:")]
+    decoding = DecodingConfig(strategy=strategy, num_return_sequences=4 if strategy == "sampling" else 1,
+                              max_new_tokens=10, top_p=1.0, top_k=0)
+    outputs = [ids for per_prompt in generate_ids(model, encoder, prompts, decoding, seed=1) for ids in per_prompt]
+    assert outputs and all(len(ids) > 1 for ids in outputs)
+    assert max(max(ids) for ids in outputs) < real

@@ -17,6 +17,7 @@ A finished stage writes DONE.json with its stage key (`dskd.layout`); a rerun wi
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import sys
@@ -344,16 +345,25 @@ class TrainingStage:
 
     def export(self, run: Tracker, state: TrainState, final: dict[str, float]) -> Path:
         """Consolidate (ZeRO-3 aware), write the HF directory, reload it and check it generates what the engine
-        generates (catches a wrong consolidation, a dropped tied weight, a dtype slip), log and register it."""
+        generates (catches a wrong consolidation, a dropped tied weight, a dtype slip), log and register it.
+
+        Within the training budget: the teacher, the optimizer state and the gradients are freed first, the
+        consolidated weights once written, and the engine before the reload, so the process never holds the
+        trained model twice beside its training state (at 8B that second copy is what runs a node out of
+        memory); the reloaded model is the one logged to MLflow."""
         recipe, dist, step = self.recipe, self.dist, state.step
         model_dir = self.out_dir / "model"
         probe_texts = _probe_texts(self.task)
         probe = self.encoder.prompt_ids_batch(probe_texts)
         engine_outputs = generate_ids(self.model, self.encoder, probe, _GREEDY_PROBE, synced_gpus=self.synced_gpus)
+        self._free_training_state()
         weights = checkpoint.consolidated_state_dict(self.engine)
         if dist.is_main:
             checkpoint.export_hf(self.model, weights, self.tokenizer, model_dir, prefix="lm.model.",
                                  extra={"stage": self.stage, "recipe_key": self.key, "run_id": run.run_id})
+        del weights
+        self._free_engine()
+        if dist.is_main:
             spec = recipe.teacher if self.stage == "teacher" else recipe.student
             reloaded = load_model(spec, path=str(model_dir)).eval()
             if generate_ids(reloaded, self.encoder, probe, _GREEDY_PROBE) != engine_outputs:
@@ -361,8 +371,7 @@ class TrainingStage:
                                    "generates; the export is broken (please report this with the recipe)")
             run.log_metrics({"export/reload_matches_engine": 1.0}, step=step)
             if recipe.tracking.log_model and self.arch == "causal":
-                run.log_hf_model(load_model(spec, path=str(model_dir)), self.tokenizer, "text-generation",
-                                 recipe.tracking.register_model)
+                run.log_hf_model(reloaded, self.tokenizer, "text-generation", recipe.tracking.register_model)
             elif recipe.tracking.log_model:  # no text2text pipeline in transformers 5: a pyfunc model
                 run.log_seq2seq_model(model_dir, probe_texts[0], recipe.data, recipe.tracking.register_model)
             write_done(self.out_dir, {"key": self.key, "run_id": run.run_id, "steps": step, "metrics": final,
@@ -371,6 +380,23 @@ class TrainingStage:
         if torch_dist.is_initialized():
             torch_dist.barrier()
         return model_dir
+
+    def _free_training_state(self) -> None:
+        """Nothing trains after the last step: drop the teacher (every reference to it: the phases, the loader's
+        closure), the optimizer's moments and the gradients, before the export allocates anything."""
+        self.phases, self.specs, self.load_teacher = [], [], None
+        optimizer = self.engine.optimizer
+        inner = getattr(optimizer, "optimizer", optimizer)  # ZeRO wraps the torch optimizer
+        if inner is not None and hasattr(inner, "state"):
+            inner.state.clear()
+        self.engine.module.zero_grad(set_to_none=True)
+        gc.collect()
+
+    def _free_engine(self) -> None:
+        """After the consolidated weights are written, the engine is not needed: the check reloads the export."""
+        self.engine.destroy()
+        self.engine = self.model = self.student_hf = None
+        gc.collect()
 
 
 def _probe_texts(task: TaskData) -> list[str]:
