@@ -153,7 +153,12 @@ def student_ds_config(train: TrainConfig, world_size: int, dtype: str) -> dict:
 
 
 def teacher_ds_config(teacher: TeacherConfig, micro_batch_size: int) -> dict:
+    """Eval-only. Sharded: each gathered layer is released as soon as its forward is done (reuse distance 0: an
+    eval-only teacher uses a parameter once per micro-batch, and DeepSpeed's default 1e9 would keep a teacher below
+    1e9 parameters whole on every rank between micro-batches); the prefetch bucket still overlaps the gathers."""
     zero: dict = {"stage": 3 if teacher.shard else 0}
+    if teacher.shard:
+        zero["stage3_max_reuse_distance"] = 0
     if teacher.shard and teacher.offload:
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     return {
@@ -213,6 +218,27 @@ def _captured_stdout():
         yield
     if buffer.getvalue().strip():
         log.debug("deepspeed.initialize printed:\n%s", buffer.getvalue())
+
+
+@contextmanager
+def partitioned_construction(teacher: TeacherConfig, micro_batch_size: int):
+    """Models built inside this block are ZeRO-3-partitioned as they are built, when teacher.shard: transformers
+    constructs them under `deepspeed.zero.Init` and loads each weight straight into its partitions while an
+    HfDeepSpeedConfig is alive, so no rank ever holds the whole teacher (8 ranks of a node would otherwise each
+    build a full 70B teacher in host memory before DeepSpeed partitions it). Scoped: transformers reads the config
+    through a process-global reference, and no other model (the student, the export's reload) may see it."""
+    if not teacher.shard or teacher.quantization != "none":
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    alive = HfDeepSpeedConfig(teacher_ds_config(teacher, micro_batch_size))
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+        del alive
 
 
 def create_teacher_engine(module: torch.nn.Module, teacher: TeacherConfig, micro_batch_size: int, dist: DistInfo):

@@ -252,7 +252,16 @@ def prune_layers(teacher: PreTrainedModel, prune: PruneConfig) -> PreTrainedMode
             _reindex(layer, new_idx)
         setattr(parent, attr, kept)
         _set_layer_count(student.config, side, arch, len(keep))
+        _keep_layer_types(student.config, side, keep)
     return student
+
+
+def _keep_layer_types(config, side: str, keep: list[int]) -> None:
+    """Per-layer attention kinds (Gemma-3, Qwen-2's `layer_types`: sliding vs full attention) follow the kept
+    layers; the config's list must stay as long as the stack, or the masks and the KV cache go by the wrong kind."""
+    types = getattr(config, "layer_types", None)
+    if side == "decoder" and isinstance(types, (list, tuple)) and types and max(keep) < len(types):
+        config.layer_types = [types[i] for i in keep]
 
 
 def _keep_t5_relative_bias(original_first: nn.Module, new_first: nn.Module) -> None:

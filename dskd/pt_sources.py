@@ -14,6 +14,7 @@ store's meta and the inputs, for its MLflow `tags` and `params`, to `generate` i
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -27,7 +28,7 @@ from dskd.config import Recipe
 from dskd.data.collate import Encoder, Formatting
 from dskd.data.pt_store import PTStore, weights_fingerprint
 from dskd.data.task import TaskData
-from dskd.engines import create_teacher_engine, init_distributed
+from dskd.engines import create_teacher_engine, init_distributed, partitioned_construction
 from dskd.generation import generate_pseudo_targets, pt_store_meta
 from dskd.layout import teacher_from_disk, teacher_model_path
 from dskd.models import build_model, detect_arch
@@ -97,7 +98,10 @@ class LocalPTSource:
         recipe, dist = self.recipe, self.dist
         t_path = teacher_model_path(recipe) if teacher_from_disk(recipe) else None
         torch.manual_seed(recipe.run.seed)  # a config-initialized teacher must be the same model on every rank
-        teacher_hf = build_model(recipe.teacher, tokenizer, path=t_path)
+        # From disk under teacher.shard, each rank builds only its partition; a config-initialized teacher is built
+        # whole, as its weights are what identifies it (fingerprinted below)
+        with partitioned_construction(recipe.teacher, recipe.generate.decoding.batch_size) if t_path else nullcontext():
+            teacher_hf = build_model(recipe.teacher, tokenizer, path=t_path)
         self.encoder = Encoder(tokenizer, Formatting.from_data(recipe.data, detect_arch(teacher_hf.config)))
         self.decoding = recipe.generate.decoding
         self.identity = {"path": t_path or f"config:{recipe.teacher.model_type}",

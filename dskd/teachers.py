@@ -61,7 +61,7 @@ from dskd.config import ConfigError, Recipe, TeacherConfig
 from dskd.data.collate import Encoder, collate_training
 from dskd.data.pt_store import PTStore, weights_fingerprint
 from dskd.data.task import TaskData
-from dskd.engines import DistInfo, create_teacher_engine
+from dskd.engines import DistInfo, create_teacher_engine, partitioned_construction
 from dskd.layout import teacher_from_disk, teacher_model_path
 from dskd.losses import KDLossConfig, KDLossOutput, kd_loss
 from dskd.losses.relations import captured_projections, relation_kd, relation_sites, stack_masks
@@ -236,9 +236,11 @@ class LocalTeacher(Teacher):
         self.runner = None  # what forward runs on: the DeepSpeed engine, or the module itself when quantized
 
     def place(self, load, spec: TeacherConfig, micro_batch_size: int, dist: DistInfo, dropout: bool = False) -> None:
-        """`load()` the weights onto an eval-only DeepSpeed engine (ZeRO-3-partitioned when spec.shard), or keep the
-        quantized module as is."""
-        self.module = HiddenStateLM(load())
+        """`load()` the weights onto an eval-only DeepSpeed engine (ZeRO-3-partitioned when spec.shard: each rank
+        builds only its partition), or keep the quantized module as is."""
+        with partitioned_construction(spec, micro_batch_size):
+            model = load()
+        self.module = HiddenStateLM(model)
         self.runner = create_teacher_engine(self.module, spec, micro_batch_size, dist)
         if dropout:  # noisy KD: the teacher's dropout stays on
             self.runner.train()
