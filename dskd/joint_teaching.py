@@ -2,6 +2,8 @@
 
 On a share `ratio` of micro-batches the targets are not the pool's (gold / teacher PTs) but sampled on the fly
 from the current student; the teacher then scores the student's own outputs, which counters exposure bias.
+The samples are the student's token ids; a teacher with another tokenizer reads them decoded and encoded again
+in its own tokens (`dskd.teachers.CrossTokenizerTeacher`, `dskd.cross_tokenizer.Retokenizer`).
 This module is the one place that decides which micro-batches those are and draws the samples.
 
 Which micro-batches: spread evenly by index within the phase, so ratio 0.5 is every second one, as in the

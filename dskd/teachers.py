@@ -24,12 +24,16 @@ same object. Implementations:
                     weights in this process.
   StoredTopKTeacher teacher.signal=served, a server that scores only its own samples (OpenAI-style APIs): the
                     top-k log-probs stored with its PTs are read per batch (`dskd.blackbox.targets`).
+  CrossTokenizerTeacher  a local teacher whose tokenizer is not the student's (picked by `teacher_for` once both
+                    tokenizers are loaded): its forward on the same texts in its own tokens, its top-k carried onto
+                    the student's target tokens (`dskd.cross_tokenizer`), the sparse KD loss; with
+                    teacher.signal=cached the carried top-k is what the cache stores (CachedCrossTokenizerTeacher).
 
 Each class answers what its mode needs, so no other module asks which mode is on: the tokenizer the targets
 are written in, the training pool, where `dskd generate` takes its PTs (`pt_source`: generate.endpoint when
 set, whatever scores them), whether the teacher's weights load here (`local_model`), and, before training,
 `ready(pool, needs)`: a chance to prepare its signal for the pairs the phase will draw (the caches fill).
-A new mode (a cross-tokenizer teacher) is one new subclass and one line in `teacher_for`.
+A new mode is one new subclass and one line in `teacher_for`.
 """
 
 from __future__ import annotations
@@ -58,6 +62,17 @@ from dskd.blackbox.generate import (
 from dskd.blackbox.targets import SparseTrainingPool
 from dskd.collectives import all_reduce
 from dskd.config import ConfigError, Recipe, TeacherConfig
+from dskd.cross_tokenizer import (
+    CARRY_VERSION,
+    PROBE_TARGETS,
+    Carrier,
+    Retokenizer,
+    TeacherView,
+    check_alignable,
+    check_fast,
+    listed_alternatives,
+    tokenizer_key,
+)
 from dskd.data.collate import Encoder, collate_training
 from dskd.data.pt_store import PTStore, weights_fingerprint
 from dskd.data.task import TaskData
@@ -368,10 +383,14 @@ class CachedTeacher(_TopKSignal, LocalTeacher):
         elif needs.dist.is_main:
             print(f"[dskd] teacher cache: {self.cache.root} holds every pair; the teacher is not loaded",
                   file=sys.stderr)
-        config = self.module.model.config if self.module is not None else None
         build_cache(self.cache, wanted, needs, lambda keys, pairs, batch: self._score(batch, keys, needs),
                     f"top-{self.spec.top_k} + {self.spec.tail_samples} tail draws", collective=True,
-                    decoder_start=getattr(config, "decoder_start_token_id", None))
+                    decoder_start=self._decoder_start(needs))
+
+    def _decoder_start(self, needs: TeacherNeeds) -> int | None:
+        """The decoder start id of the batches the cache is scored from: the teacher's, which reads them."""
+        config = self.module.model.config if self.module is not None else None
+        return getattr(config, "decoder_start_token_id", None)
 
     def _score(self, batch: dict[str, torch.Tensor], keys: list[str],
                needs: TeacherNeeds) -> tuple[torch.Tensor, torch.Tensor]:
@@ -396,6 +415,103 @@ class CachedTeacher(_TopKSignal, LocalTeacher):
         else:
             with LocalTeacher.signal(self, batch) as dense:  # the live forward (not the top-k mixin's)
                 yield dense
+
+
+class CrossTokenizerTeacher(_TopKSignal, LocalTeacher):
+    """A local teacher whose tokenizer is not the student's: per micro-batch its forward on the same texts in its
+    own tokens (`Retokenizer`; Joint-Teaching's samples too), its top-k + tail draws (teacher.cache_top_k,
+    cache_tail_samples) carried onto the student's target tokens (`dskd.cross_tokenizer`), the sparse KD loss."""
+
+    name = "cross_tokenizer"
+
+    def __init__(self, teacher_tokenizer, spec: SparseSpec, key: str) -> None:
+        LocalTeacher.__init__(self)  # not super(): the cached variant's MRO runs CachedTeacher next
+        self.teacher_tokenizer, self.spec, self.key = teacher_tokenizer, spec, key
+        self.carrier: Carrier | None = None
+        self.bridge: Retokenizer | None = None
+        self.encoder: Encoder | None = None
+        self.device = torch.device("cpu")
+
+    def place(self, load, spec: TeacherConfig, micro_batch_size: int, dist: DistInfo, dropout: bool = False) -> None:
+        """Deferred to `ready`: the texts are checked before the teacher's weights load."""
+        self._placement = (load, spec, micro_batch_size, dist, dropout)
+
+    def ready(self, pool: TrainingPool, needs: TeacherNeeds) -> None:
+        """Index both vocabularies and check on real targets that the teacher's tokenizer keeps their text, then
+        load the teacher (`_load_teacher`)."""
+        self.encoder, self.device = needs.encoder, needs.device
+        self.carrier = Carrier(self.teacher_tokenizer, needs.encoder.tokenizer)
+        probe = [p.target for p in pool.epoch_pairs(0)[:PROBE_TARGETS]]
+        coverage = check_alignable(self.teacher_tokenizer, needs.encoder.tokenizer, probe, self.key)
+        if needs.dist.is_main:
+            print(f"[dskd] cross-tokenizer teacher ({self.key}): {coverage:.1%} of the student's target positions "
+                  f"lie on the teacher's text; top-{self.spec.top_k} + {self.spec.tail_samples} tail draws carried "
+                  "onto the student's tokens", file=sys.stderr)
+        self._load_teacher(pool, needs)
+
+    def _load_teacher(self, pool: TrainingPool, needs: TeacherNeeds) -> None:
+        if self.module is None:
+            LocalTeacher.place(self, *self._placement)
+
+    def prepare(self, pool: TrainingPool, pairs: list[Pair], batch: dict[str, torch.Tensor]) -> float:
+        batch.update(sparse_batch(self._carried(pairs), batch["target_mask"]))
+        return _tail_mass(batch)
+
+    def _carried(self, pairs: list[Pair]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per pair, the carried (student ids, log-probs) [T, w] at its target positions."""
+        if self.bridge is None:
+            self.bridge = Retokenizer(self.encoder, self.teacher_tokenizer, self.module.arch)
+        theirs = [self.bridge.pair(p) for p in pairs]
+        batch = self.bridge.batch(theirs, getattr(self.module.model.config, "decoder_start_token_id", None))
+        hidden = self._forward(batch)
+        seeds = [draw_seed(pair_key(p.prompt, p.target)) for p in pairs]  # the cached entries' draws exactly
+        with self.head() as (weight, bias):
+            listed = listed_alternatives(hidden, weight, bias, batch["target_mask"].to(hidden.device), self.spec,
+                                         len(self.teacher_tokenizer), seeds)
+        return [self.carrier.carry(p.target, TeacherView(t.target, ids, logprobs))
+                for p, t, (ids, logprobs) in zip(pairs, theirs, listed)]
+
+    def _forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The teacher's final hidden states on a batch in its own tokens."""
+        on_device = {k: v.to(self.device) for k, v in batch.items()}
+        with torch.no_grad():
+            return self.runner(on_device)
+
+
+class CachedCrossTokenizerTeacher(CrossTokenizerTeacher, CachedTeacher):
+    """teacher.signal=cached across tokenizers: the carried top-k (in the student's vocabulary, per student target
+    token) is what the cache stores; Joint-Teaching's samples are carried live."""
+
+    name = "cached_cross_tokenizer"
+
+    def __init__(self, recipe: Recipe, teacher_tokenizer, key: str) -> None:
+        CachedTeacher.__init__(self, recipe)
+        CrossTokenizerTeacher.__init__(self, teacher_tokenizer, self.spec, key)
+        self.runtime = {**self.runtime, "cross_tokenizer": {"teacher_tokenizer": tokenizer_fingerprint(
+            teacher_tokenizer), "carry": CARRY_VERSION}}
+        self.wanted: dict[str, Pair] = {}
+
+    def ready(self, pool: TrainingPool, needs: TeacherNeeds) -> None:
+        self.wanted = epoch_keys(pool, needs.epochs)  # the build's batches name their pairs by key
+        CrossTokenizerTeacher.ready(self, pool, needs)
+
+    def _load_teacher(self, pool: TrainingPool, needs: TeacherNeeds) -> None:
+        """The cache's way: loaded only if a pair is missing or Joint-Teaching needs it live."""
+        CachedTeacher.ready(self, pool, needs)
+
+    def _score(self, batch: dict[str, torch.Tensor], keys: list[str],
+               needs: TeacherNeeds) -> tuple[torch.Tensor, torch.Tensor]:
+        entries = self._carried([self.wanted[key] for key in keys])
+        return (torch.from_numpy(np.concatenate([ids for ids, _ in entries])),
+                torch.from_numpy(np.concatenate([logprobs for _, logprobs in entries])))
+
+    def _decoder_start(self, needs: TeacherNeeds) -> int | None:
+        """The student-layout batches of the build only delimit the targets (the teacher reads its own)."""
+        return needs.encoder.tokenizer.pad_token_id
+
+    def prepare(self, pool: TrainingPool, pairs: list[Pair], batch: dict[str, torch.Tensor]) -> float:
+        tail = CachedTeacher.prepare(self, pool, pairs, batch)
+        return tail if "teacher_top_ids" in batch else CrossTokenizerTeacher.prepare(self, pool, pairs, batch)
 
 
 class ServedTeacher(_TopKSignal, _StudentTokens):
@@ -510,9 +626,12 @@ def build_cache(cache: TeacherCache, wanted: dict[str, Pair], needs: TeacherNeed
                            "scoring them (a shard failed to write?)")
 
 
-def teacher_for(recipe: Recipe) -> Teacher:
+def teacher_for(recipe: Recipe, tokenizers: tuple | None = None) -> Teacher:
     """Where this recipe's teacher signal comes from: a server (scoring any target, or only its own samples),
-    the teacher cache, or a model in this process (with its attention relations when the recipe mixes them in)."""
+    the teacher cache, or a model in this process (with its attention relations when the recipe mixes them in).
+    `tokenizers`: (the teacher's, the student's) once loaded; when they differ, `cross_tokenizer_teacher`."""
+    if tokenizers is not None and tokenizers[0].get_vocab() != tokenizers[1].get_vocab():
+        return cross_tokenizer_teacher(recipe, *tokenizers)
     if recipe.teacher.signal == "served":
         return ServedTeacher(recipe) if recipe.generate.endpoint.prompt_logprobs else StoredTopKTeacher()
     if recipe.teacher.signal == "cached":
@@ -521,3 +640,28 @@ def teacher_for(recipe: Recipe) -> Teacher:
     if d.attention_relation_weight:
         return RelationTeacher(d.attention_relation_weight, d.relation_heads)
     return LocalTeacher()
+
+
+def cross_tokenizer_teacher(recipe: Recipe, teacher_tokenizer, student_tokenizer) -> Teacher:
+    """A local or cached teacher carried onto a student with another tokenizer; what cannot be carried is refused
+    here, before any model loads, naming what to change."""
+    d, key = recipe.distill, tokenizer_key(recipe.teacher, "teacher")
+    differ = (f"the teacher's tokenizer ({key}, {len(teacher_tokenizer)} tokens) is not the student's "
+              f"({tokenizer_key(recipe.student, 'student')}, {len(student_tokenizer)} tokens)")
+    if recipe.teacher.signal == "served":
+        raise ConfigError(f"{differ}, and teacher.signal=served scores the student's token ids: serve a teacher with "
+                          "the student's tokenizer, or use teacher.signal=local or cached (cross-tokenizer KD)")
+    if d.attention_relation_weight:
+        raise ConfigError(f"{differ}: attention-relation KD (distill.attention_relation_weight) compares the two "
+                          "models position by position, which needs one tokenizer; set it to 0 (cross-tokenizer "
+                          "logits KD) or give the student the teacher's tokenizer")
+    if d.divergence != "forward_kl" or d.temperature != 1.0:
+        raise ConfigError(f"{differ}: cross-tokenizer KD carries the teacher's top-k onto the student's tokens, "
+                          f"which defines forward_kl at temperature 1.0 only (distill.divergence={d.divergence}, "
+                          f"distill.temperature={d.temperature})")
+    check_fast(teacher_tokenizer, key)
+    check_fast(student_tokenizer, tokenizer_key(recipe.student, "student"))
+    if recipe.teacher.signal == "cached":
+        return CachedCrossTokenizerTeacher(recipe, teacher_tokenizer, key)
+    return CrossTokenizerTeacher(teacher_tokenizer, SparseSpec(recipe.teacher.cache_top_k,
+                                                               recipe.teacher.cache_tail_samples), key)

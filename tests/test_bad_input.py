@@ -345,15 +345,17 @@ def other_tokenizer(tmp_path_factory):
     return path, len(fast)
 
 
-def test_logits_kd_across_two_tokenizers_is_a_clear_error(tiny_task, tmp_path, other_tokenizer):
+def test_kd_that_needs_one_tokenizer_across_two_is_a_clear_error(tiny_task, tmp_path, other_tokenizer):
+    """Logits KD itself crosses tokenizers (tests/test_cross_tokenizer.py); attention relations cannot."""
     from dskd.stages.train import train_stage
 
     path, _ = other_tokenizer
     recipe = load_recipe(base=tiny_recipe(tiny_task, tmp_path, teacher={"finetune": False},
                                           student={**SMALL_STUDENT, "tokenizer": str(path)},
-                                          distill={"sources": ["gold"], "student_pt_ratio": 0.0}))
-    with pytest.raises(ConfigError, match=rf"student tokenizer {path} vs the teacher's .*shared vocabulary.*"
-                                          r"distill.loss=ce"):
+                                          distill={"sources": ["gold"], "student_pt_ratio": 0.0,
+                                                   "attention_relation_weight": 0.5}))
+    with pytest.raises(ConfigError, match=rf"is not the student's \(student.tokenizer={path}, .*attention-relation "
+                                          r"KD.*needs one tokenizer"):
         train_stage(recipe, "distill")
     pruned = load_recipe(base=tiny_recipe(tiny_task, tmp_path, teacher={"finetune": False},
                                           student={"tokenizer": str(path)}))

@@ -102,6 +102,17 @@ class Encoder:
             out.append(bos + ids[:room] + tail)
         return out
 
+    def prompt_source(self, prompt: Sequence[int]) -> list[int]:
+        """The source's ids inside a prompt built by `prompt_ids` (BOS and EOS/separator removed): what a model
+        with another tokenizer re-encodes as text (`dskd.cross_tokenizer`)."""
+        ids, bos = list(prompt), self._causal_bos()
+        tail = [self.tokenizer.eos_token_id] if self.formatting.arch == "seq2seq" else self._separator
+        if bos and ids[:len(bos)] == bos:
+            ids = ids[len(bos):]
+        if tail and ids[-len(tail):] == tail:
+            ids = ids[:-len(tail)]
+        return ids
+
     def measure(self, inputs: Sequence[str], targets: Sequence[str] | None = None,
                 chunk: int = 2048) -> TruncationCounter:
         """What the length limits do to these texts (e.g. one split): a fresh count, the same rules as

@@ -42,7 +42,6 @@ from dskd.models import (
     DTYPES,
     build_model,
     check_model_source,
-    check_tokenizers,
     check_vocab_rows,
     detect_arch,
     enable_activation_checkpointing,
@@ -158,19 +157,17 @@ class TrainingStage:
 
     def _check_own_student_vocabulary(self) -> None:
         """The student's tokenizer differs from the teacher's: fine for CE (sequence-level KD, fine-tuning on
-        gold), an error for anything that compares the two models token by token or copies the teacher."""
+        gold); logits KD gets the teacher for another tokenizer (`teacher_for`: carried across, or refused naming
+        what to change, before any model loads); copying the teacher is an error."""
         recipe, source = self.recipe, self.recipe.student.tokenizer or self.recipe.student.path
         if recipe.student.init == "prune":
             raise ConfigError(f"student.tokenizer={source} ({len(self.tokenizer)} tokens) is not the teacher's "
                               f"tokenizer ({len(self.teacher_tokenizer)} tokens), but student.init=prune copies the "
                               "teacher, embeddings included: unset student.tokenizer, or build the student "
                               "(student.init=config) for its own tokenizer")
-        if any(s.teacher.name != NoTeacher.name for s in self.specs):
-            try:
-                check_tokenizers(self.teacher_tokenizer, self.tokenizer)
-            except ConfigError as exc:
-                raise ConfigError(f"student tokenizer {source} vs the teacher's "
-                                  f"{self.teacher_tokenizer.name_or_path}: {exc}") from None
+        for spec in self.specs:
+            if spec.teacher.name != NoTeacher.name:
+                spec.teacher = teacher_for(recipe, (self.teacher_tokenizer, self.tokenizer))
 
     def _student_pt_ids(self, batch: dict) -> dict:
         encode = self.tokenizer
