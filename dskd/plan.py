@@ -44,6 +44,7 @@ DEFAULT_GPU_TFLOPS = 989.0  # a GPU not in GPU_TFLOPS: the H100's dense bf16 pea
 REDUCE_BUCKET = 5e8  # DeepSpeed default reduce_bucket_size (elements; ds_configs/zero2.json)
 ALLGATHER_BUCKET = 5e8  # DeepSpeed default allgather_bucket_size (elements), ZeRO-1/2
 PREFETCH_BUCKET = 5e7  # DeepSpeed stage3_prefetch_bucket_size (elements; ds_configs/zero3.json)
+MAX_LIVE_PARAMETERS = 1e9  # DeepSpeed stage3_max_live_parameters / stage3_max_reuse_distance defaults (zero3.json)
 LOSS_BUFFERS = 6  # fused loss: 2 [chunk, V] fp32 buffers + up to 4 [block, V] scratch blocks (GPU: block = chunk)
 INTRA_NODE_GBPS = 150.0  # per-GPU all-gather/reduce-scatter bus bandwidth inside a node (NVLink), GB/s
 INTER_NODE_GBPS = 25.0  # per-GPU bandwidth across nodes (200 Gb/s InfiniBand per GPU), GB/s
@@ -370,12 +371,16 @@ def gradient_bytes(n: int, dtype: str, stage: int, ranks: int, offload: bool = F
 
 
 def optimizer_bytes(n: int, dtype: str, stage: int, ranks: int, offload: bool) -> float:
-    """AdamW state: mixed precision (bf16/fp16) 12 bytes/param (fp32 master weights + 2 fp32 moments), fp32 training
-    8 bytes/param (2 moments); divided by the ranks at ZeRO-1/2/3; 0 on the GPU with offload_optimizer (it lives in
-    CPU memory). Source: ZeRO, Sec. 3.1 (K = 12) and ZeRO-Offload (Ren et al. 2021)."""
+    """AdamW state: 12 bytes/param (fp32 master weights + 2 fp32 moments) in mixed precision (bf16/fp16) and under
+    any ZeRO stage, also in fp32 training (ZeRO-1/2 clone their partition into the master dtype:
+    stage_1_and_2.py `single_partition_of_fp32_groups`; ZeRO-3 likewise: stage3.py `fp32_partitioned_groups_flat`);
+    8 bytes/param (the 2 moments) only for fp32 at ZeRO-0, where the torch optimizer steps the model's own
+    parameters; divided by the ranks at ZeRO-1/2/3; 0 on the GPU with offload_optimizer (it lives in CPU memory).
+    Source: ZeRO, Sec. 3.1 (K = 12), ZeRO-Offload (Ren et al. 2021), DeepSpeed 0.19 source; measured on CPU by
+    benchmarks/plan_accuracy.py."""
     if offload:
         return 0.0
-    return n * (12 if dtype != "fp32" else 8) / (ranks if stage >= 1 else 1)
+    return n * (12 if dtype != "fp32" or stage >= 1 else 8) / (ranks if stage >= 1 else 1)
 
 
 def layer_activation_bytes_per_token(shape: Shape, seq: int, eager_attention: bool, cross_tokens: int = 0) -> float:
@@ -433,13 +438,15 @@ def loss_workspace_bytes(shape: Shape, work: Workload, micro_batch: int) -> floa
 
 
 def teacher_weight_bytes(shape: Shape, mode: str, dtype: str, ranks: int, jt_live: bool) -> float:
-    """The teacher's weights on a training rank: replicated n x dtype; ZeRO-3 n x dtype / ranks + one gathered
-    layer + the prefetch bucket; parameter offload: only the gathered layer + prefetch bucket (the rest in CPU
-    memory); 8-/4-bit: the layers' Linear weights at 1 / 0.5625 bytes (bitsandbytes; 4-bit with an fp32 absmax per
-    64 weights), embeddings, head and norms in dtype; served: 0; cached: 0 unless Joint-Teaching needs it live
+    """The teacher's weights on a training rank: replicated n x dtype; ZeRO-3 n x dtype / ranks + what is gathered
+    at a time: one layer + the prefetch bucket during its forward (dskd releases each layer after its forward:
+    engines.teacher_ds_config), then its LM head (V x h) for the whole KD loss, beside the student's forward;
+    parameter offload: only what is gathered at a time (the rest in CPU memory); 8-/4-bit: the layers' Linear
+    weights at 1 / 0.5625 bytes (bitsandbytes; 4-bit with an fp32 absmax per 64 weights), embeddings, head and
+    norms in dtype; served: 0; cached: 0 unless Joint-Teaching needs it live
     (then replicated). Source: ZeRO-3 / ZeRO-Infinity (Rajbhandari et al. 2021), bitsandbytes docs."""
     b, p = DTYPE_BYTES[dtype], shape.params
-    live = (shape.largest_layer + PREFETCH_BUCKET) * b
+    live = max(shape.largest_layer + PREFETCH_BUCKET, shape.vocab * shape.hidden) * b
     if mode in ("served", "none") or (mode == "cached" and not jt_live):
         return 0.0
     if mode in ("replicated", "cached"):
@@ -481,42 +488,89 @@ def kv_cache_bytes(shape: Shape, work: Workload, micro_batch: int, samples: int 
 
 
 def deepspeed_buffer_bytes(shape: Shape, n: int, dtype: str, stage: int,
-                           overhead: float = RUNTIME_OVERHEAD_BYTES) -> float:
-    """DeepSpeed's communication buffers at its defaults (ds_configs/): ZeRO-0/1/2 a reduce bucket (5e8 elements)
-    and, at 1/2, an all-gather bucket (5e8), each capped at the model size; ZeRO-3 the reduce bucket + prefetch
-    bucket (5e7) + one gathered layer; all in the training dtype; + RUNTIME_OVERHEAD_BYTES (CUDA context, NCCL,
-    fragmentation; on CPU: CPU_RUNTIME_OVERHEAD_BYTES, the process). Source: DeepSpeed config docs
-    (zero_optimization defaults)."""
+                           overhead: float = RUNTIME_OVERHEAD_BYTES, device: str = "gpu") -> float:
+    """DeepSpeed's buffers that live while the backward runs, at its defaults (ds_configs/): ZeRO-2 a reduce bucket
+    (contiguous gradients, 5e8 elements, capped at the model size) and an all-gather bucket (5e8, capped); ZeRO-3
+    its IPG buffer (`torch.empty(reduce_bucket_size)`: on a GPU all 5e8 elements are allocated whatever the model
+    size; on CPU only the pages written, at most the model's) + the prefetch bucket (5e7) + one gathered layer; all
+    in the training dtype; + RUNTIME_OVERHEAD_BYTES (CUDA context, NCCL, fragmentation; on CPU:
+    CPU_RUNTIME_OVERHEAD_BYTES, the process). ZeRO-0/1 reduce after the backward: `after_backward_bucket_bytes`.
+    Source: DeepSpeed config docs (zero_optimization defaults), stage3.py (IPG buffer), stage_1_and_2.py."""
     b = DTYPE_BYTES[dtype]
     if stage == 3:
-        buffers = (min(REDUCE_BUCKET, n) + PREFETCH_BUCKET + shape.largest_layer) * b
+        ipg = REDUCE_BUCKET if device == "gpu" else min(REDUCE_BUCKET, n)
+        buffers = (ipg + PREFETCH_BUCKET + shape.largest_layer) * b
+    elif stage == 2:
+        buffers = (min(REDUCE_BUCKET, n) + min(ALLGATHER_BUCKET, n)) * b
     else:
-        buffers = (min(REDUCE_BUCKET, n) + (min(ALLGATHER_BUCKET, n) if stage in (1, 2) else 0)) * b
+        buffers = 0.0
     return buffers + overhead
+
+
+def after_backward_bucket_bytes(n: int, dtype: str, stage: int, during_backward: float) -> float:
+    """ZeRO-0/1 reduce the gradients at the accumulation boundary, after the backward (engine.allreduce_gradients:
+    a flattened bucket of up to 5e8 elements, capped at the model size; ZeRO-1's all-gather bucket after the step),
+    when the activations, the loss workspace and the teacher's forward are freed: only what the bucket needs beyond
+    those (`during_backward`) raises the peak."""
+    if stage not in (0, 1):
+        return 0.0
+    return max(0.0, min(REDUCE_BUCKET, n) * DTYPE_BYTES[dtype] - during_backward)
+
+
+def gathered_parameter_bytes(n: int, dtype: str, stage: int) -> float:
+    """ZeRO-3 student: a parameter gathered for the forward stays gathered until its use in the backward when that
+    reuse comes within stage3_max_reuse_distance (1e9 parameters, DeepSpeed's default and ds_configs/zero3.json),
+    up to stage3_max_live_parameters (1e9): min(n, 1e9) x dtype bytes beside the partitions. Source: DeepSpeed
+    config docs (stage3_max_live_parameters, stage3_max_reuse_distance); measured by plan_accuracy.py."""
+    return min(n, MAX_LIVE_PARAMETERS) * DTYPE_BYTES[dtype] if stage == 3 else 0.0
+
+
+def gather_staging_bytes(teacher: Shape, student: Shape, work: Workload, p: Placement, device: str) -> float:
+    """On CPU (gloo) an all-gather assembles its output from per-rank pieces: the gathered tensor exists twice
+    while it is put together (measured: gathering a 1 GiB ZeRO-3 parameter over gloo peaks at 2 GiB). The largest
+    gather beside the student's forward is a LM head for the KD loss: the teacher's under ZeRO-3 (or parameter
+    offload), else a ZeRO-3 student's own. NCCL gathers in place (all_gather_into_tensor): 0 on GPUs."""
+    if device != "cpu":
+        return 0.0
+    if p.teacher in ("zero3", "offload"):
+        return teacher.vocab * teacher.hidden * DTYPE_BYTES[work.teacher_dtype]
+    if p.zero_stage == 3:
+        return student.vocab * student.hidden * DTYPE_BYTES[work.student_dtype]
+    return 0.0
 
 
 def memory_terms(teacher: Shape, student: Shape, work: Workload, cluster: Cluster, p: Placement) -> dict[str, float]:
     """Per-rank peak GPU bytes of `dskd distill` with placement `p`, as named terms (their sum is the peak)."""
     n, ranks, dt = student.params.total, cluster.world, work.student_dtype
     jt_live = work.jt_ratio > 0
-    return {
-        "student weights": student_weights_bytes(n, dt, p.zero_stage, ranks),
-        "gradients": gradient_bytes(n, dt, p.zero_stage, ranks, p.offload_optimizer),
-        "optimizer": optimizer_bytes(n, dt, p.zero_stage, ranks, p.offload_optimizer),
+    transient = {
         "activations": activation_bytes(student, work, p.micro_batch, p.checkpointing),
         "loss workspace": loss_workspace_bytes(student, work, p.micro_batch),
-        "teacher weights": teacher_weight_bytes(teacher, p.teacher, work.teacher_dtype, ranks, jt_live),
         "teacher activations": teacher_activation_bytes(teacher, work, p.micro_batch, p.teacher, jt_live),
         "kv cache": kv_cache_bytes(student, work, p.micro_batch),
-        "deepspeed buffers": deepspeed_buffer_bytes(student, n, dt, p.zero_stage, cluster.runtime_overhead),
+    }
+    return {
+        "student weights": student_weights_bytes(n, dt, p.zero_stage, ranks),
+        "gathered parameters": gathered_parameter_bytes(n, dt, p.zero_stage),
+        "gradients": gradient_bytes(n, dt, p.zero_stage, ranks, p.offload_optimizer),
+        "optimizer": optimizer_bytes(n, dt, p.zero_stage, ranks, p.offload_optimizer),
+        **transient,
+        "teacher weights": teacher_weight_bytes(teacher, p.teacher, work.teacher_dtype, ranks, jt_live),
+        "deepspeed buffers": deepspeed_buffer_bytes(student, n, dt, p.zero_stage, cluster.runtime_overhead,
+                                                    cluster.device),
+        "reduce bucket after backward": after_backward_bucket_bytes(n, dt, p.zero_stage, sum(transient.values())),
+        "gather staging (CPU)": gather_staging_bytes(teacher, student, work, p, cluster.device),
     }
 
 
 def cpu_bytes_per_node(teacher: Shape, student: Shape, work: Workload, cluster: Cluster, p: Placement) -> float:
     """Host memory per node for what is offloaded: optimizer offload keeps fp32 master + 2 moments + fp32 gradients
     (16 bytes/param) partitioned over the ranks, so n*16/nodes per node; teacher parameter offload keeps its
-    weights partitioned likewise (n_T x dtype / nodes)."""
-    total = 0.0
+    weights partitioned likewise (n_T x dtype / nodes). Plus, on the first node, the export: the consolidated
+    student (n x dtype) in host memory, written, dropped, then the written model reloaded for its check (n x dtype
+    again, not at the same time: dskd.stages.train frees each before the next; the teacher, optimizer state and
+    gradients are freed before either, so the export never raises a GPU rank's peak)."""
+    total = student.params.total * DTYPE_BYTES[work.student_dtype]
     if p.offload_optimizer:
         total += student.params.total * 16 / cluster.nodes
     if p.teacher == "offload":
@@ -923,7 +977,7 @@ def render(plan: Plan, all_rows: bool = False) -> str:
                  f"({best.peak / c.gpu_memory:.0%} of the GPU), step {_fmt_s(best.times['step'])} "
                  f"(compute {_fmt_s(best.times['compute'])}, sampling {_fmt_s(best.times['sampling'])}, "
                  f"communication {_fmt_s(best.times['communication'])}, offload {_fmt_s(best.times['offload'])})")
-    lines.append("memory terms (GiB/rank): " + ", ".join(f"{k} {v / GiB:.2f}" for k, v in best.terms.items()))
+    lines.append("memory terms (GiB/rank): " + ", ".join(f"{k} {v / GiB:.2f}" for k, v in best.terms.items() if v))
     if best.cpu_bytes:
         lines.append(f"CPU memory per node: {best.cpu_bytes / GiB:.1f} GiB" +
                      ("" if c.cpu_memory else " (not checked: pass --cpu-memory)"))

@@ -74,9 +74,34 @@ def test_zero_partitioning_hand_computed():
     # stage 3: weights, gradients and optimizer state all divided by the ranks
     assert (student_weights_bytes(n, "bf16", 3, ranks), gradient_bytes(n, "bf16", 3, ranks),
             optimizer_bytes(n, "bf16", 3, ranks, False)) == (0.25e9, 0.25e9, 1.5e9)
-    # fp32 training: 4-byte weights and grads, 8 bytes of moments; offload: no optimizer state on the GPU
+    # fp32 training: 4-byte weights and grads, 8 bytes of moments at ZeRO-0; ZeRO-1/2/3 clone an fp32 master
+    # partition even in fp32 (12 bytes); offload: no optimizer state on the GPU
     assert (student_weights_bytes(n, "fp32", 0, 1), optimizer_bytes(n, "fp32", 0, 1, False)) == (4e9, 8e9)
+    assert optimizer_bytes(n, "fp32", 1, ranks, False) == optimizer_bytes(n, "fp32", 3, ranks, False) == 1.5e9
     assert optimizer_bytes(n, "bf16", 2, ranks, True) == 0.0
+
+
+def test_deepspeed_buffers_by_stage_and_device():
+    """ZeRO-0/1 reduce after the backward: their bucket counts only beyond what the backward held; ZeRO-2's buckets
+    live through the backward; ZeRO-3's IPG buffer is all of reduce_bucket_size on a GPU (cudaMalloc'd whole) but
+    only its written pages on CPU; a ZeRO-3 student keeps its gathered parameters from forward to backward."""
+    from dskd.plan import (MAX_LIVE_PARAMETERS, PREFETCH_BUCKET, REDUCE_BUCKET, after_backward_bucket_bytes,
+                           deepspeed_buffer_bytes, gathered_parameter_bytes)
+
+    n = 100_000_000
+    shape = shape_of(_config("llama", LLAMA3_8B))
+    assert after_backward_bucket_bytes(n, "bf16", 0, during_backward=3e8) == 0.0
+    assert after_backward_bucket_bytes(n, "bf16", 1, during_backward=0.5e8) == 2e8 - 0.5e8
+    assert after_backward_bucket_bytes(n, "bf16", 2, during_backward=0.0) == 0.0
+    assert deepspeed_buffer_bytes(shape, n, "bf16", 0, overhead=0) == deepspeed_buffer_bytes(shape, n, "bf16", 1,
+                                                                                              overhead=0) == 0.0
+    assert deepspeed_buffer_bytes(shape, n, "bf16", 2, overhead=0) == 2 * n * 2
+    gpu = deepspeed_buffer_bytes(shape, n, "bf16", 3, overhead=0, device="gpu")
+    cpu = deepspeed_buffer_bytes(shape, n, "bf16", 3, overhead=0, device="cpu")
+    assert gpu - cpu == (REDUCE_BUCKET - n) * 2
+    assert cpu == (n + PREFETCH_BUCKET + shape.largest_layer) * 2
+    assert gathered_parameter_bytes(n, "bf16", 3) == n * 2 and gathered_parameter_bytes(n, "bf16", 2) == 0.0
+    assert gathered_parameter_bytes(8 * 10**9, "bf16", 3) == MAX_LIVE_PARAMETERS * 2
 
 
 def _write_model(directory: Path, model_type: str, kwargs: dict) -> str:
