@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import re
+import string
 from pathlib import Path
 from typing import Any, Literal
 
@@ -58,6 +59,10 @@ class SplitLimits(Strict):
     test: int | None = None
 
 
+CAUSAL_SEPARATOR = "\n=> "
+PROMPT_FORMAT_KEYS = ("prompt_template", "chat_template")
+
+
 class DataConfig(Strict):
     task: Literal["docstrings"] | None = None  # embedded task: builds the split files below
     labeled: str | None = None
@@ -70,10 +75,64 @@ class DataConfig(Strict):
     hf_config: str | None = None
     max_input_tokens: int = Field(256, ge=4)
     max_target_tokens: int = Field(64, ge=2)
-    causal_separator: str = "\n=> "
+    causal_separator: str = CAUSAL_SEPARATOR  # decoder-only models: between the input and the target
+    # The prompt format (dskd.data.collate.Encoder: training, PT generation, Joint-Teaching, evaluation alike).
+    # prompt_template: a format string with {input} once ({{ }}: literal braces), e.g. "Summarize:\n{input}\n";
+    # the target follows the rendered text (seq2seq: the encoder input is the rendered text). chat_template: the
+    # input as one user message through the tokenizer's chat template, with the generation prompt (decoder-only
+    # models). Either one ends the prompt, so causal_separator is not appended (and may not be changed with them).
+    prompt_template: str | None = None
+    chat_template: bool = False
     max_examples: SplitLimits = SplitLimits()
     tokenizer_vocab_size: int = 4096  # embedded task only: size of the locally trained BPE
     cache_dir: Path | None = None  # embedded task only: where it is built (default <output_dir>/data)
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _one_input_field(cls, template: str | None) -> str | None:
+        if template is not None:
+            check_prompt_template(template)
+        return template
+
+    @model_validator(mode="after")
+    def _one_prompt_format(self) -> "DataConfig":
+        if self.prompt_template is not None and self.chat_template:
+            raise ValueError("data.prompt_template and data.chat_template exclude each other: the chat template "
+                             "formats the whole prompt; set one of them")
+        if (self.prompt_template is not None or self.chat_template) and self.causal_separator != CAUSAL_SEPARATOR:
+            key = "data.prompt_template" if self.prompt_template is not None else "data.chat_template"
+            raise ValueError(f"data.causal_separator={self.causal_separator!r} is not used with {key}: the template "
+                             "ends the prompt and the target follows it; leave causal_separator unset (put a "
+                             "separator at the end of prompt_template)")
+        return self
+
+    def prompt_format(self) -> dict[str, Any]:
+        """The prompt-format keys that are set (none by default): part of what PTs and evaluations depend on."""
+        return {k: getattr(self, k) for k in PROMPT_FORMAT_KEYS if getattr(self, k) != type(self).model_fields[k].default}
+
+    def identity(self) -> dict[str, Any]:
+        """The section as stage and cell keys hash it: prompt-format keys only when set, so that the keys of
+        recipes written before they existed do not change."""
+        unset = set(PROMPT_FORMAT_KEYS) - set(self.prompt_format())
+        return self.model_dump(mode="json", exclude=unset)
+
+
+def check_prompt_template(template: str) -> None:
+    """data.prompt_template is a format string naming {input} exactly once (and no other field); the errors
+    follow the key's name."""
+    try:
+        names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as exc:
+        raise ValueError(f"not a valid format string ({exc}); write the input as {{input}} "
+                         "and literal braces as {{ and }}") from None
+    others = sorted({n for n in names if n != "input"})
+    if others:
+        shown = ", ".join("{" + n + "}" for n in others)
+        raise ValueError(f"refers to {shown}; the only field is {{input}} (write literal "
+                         "braces as {{ and }})")
+    if names.count("input") != 1:
+        raise ValueError(f"must contain {{input}} exactly once (found {names.count('input')}), "
+                         f"where the task input goes; e.g. \"Summarize:\\n{{input}}\\nSummary: \"")
 
 
 class PruneConfig(Strict):

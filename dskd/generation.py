@@ -290,14 +290,17 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int, max_new_token
     return batches
 
 
-def pt_store_meta(decoding: DecodingConfig, *, seed: int, teacher: dict, data_fingerprint: str) -> dict:
+def pt_store_meta(decoding: DecodingConfig, *, seed: int, teacher: dict, data_fingerprint: str,
+                  prompt_format: dict | None = None) -> dict:
     """The meta.json a PT store records: what makes two runs' PTs interchangeable, plus readable context.
 
-    `teacher` holds at least {"fingerprint": weights_fingerprint(...)} and usually {"path": ...}.
+    `teacher` holds at least {"fingerprint": weights_fingerprint(...)} and usually {"path": ...}; `prompt_format`:
+    the recipe's prompt template keys that are set (`DataConfig.prompt_format`), recorded only when some are.
     """
-    return {"decoding": decoding.as_dict(), "seed": seed, "teacher": dict(teacher),
+    meta = {"decoding": decoding.as_dict(), "seed": seed, "teacher": dict(teacher),
             "data_fingerprint": data_fingerprint, "num_return_sequences": decoding.num_return_sequences,
             "generator": GENERATOR_VERSION}
+    return {**meta, "prompt_format": prompt_format} if prompt_format else meta
 
 
 def _check_store_matches(store: "PTStore", decoding: DecodingConfig, seed: int) -> None:

@@ -70,7 +70,7 @@ TEACHER_SIGNAL = {"signal", "cache_top_k", "cache_tail_samples", "cache_dir"}
 def stage_key(recipe: Recipe, stage: Stage) -> str:
     """What a finished stage depends on: rerunning with the same key reuses its result."""
     teacher_neutral = RESULT_NEUTRAL | (TEACHER_SIGNAL if stage == "teacher" else set())
-    parts = {"seed": recipe.run.seed, "data": recipe.data.model_dump(mode="json"),
+    parts = {"seed": recipe.run.seed, "data": recipe.data.identity(),
              "teacher": recipe.teacher.model_dump(mode="json", exclude=teacher_neutral)}
     if stage == "distill":
         parts.update(student=recipe.student.model_dump(mode="json", exclude=RESULT_NEUTRAL),

@@ -110,7 +110,8 @@ class LocalPTSource:
         self.model = engine.module if hasattr(engine, "module") else engine
         if dist.is_main:
             self.store.write_meta(pt_store_meta(self.decoding, seed=recipe.run.seed, teacher=self.identity,
-                                                data_fingerprint=task.fingerprint))
+                                                data_fingerprint=task.fingerprint,
+                                                prompt_format=recipe.data.prompt_format()))
         if torch_dist.is_initialized():
             torch_dist.barrier()
         self.rows = datasets.concatenate_datasets([

@@ -138,7 +138,7 @@ def study_cells(recipe: Recipe) -> list[Cell]:
 
 def cell_key(cell: Cell) -> str:
     """What a finished cell's result depends on: its whole recipe and the evaluation settings."""
-    payload = cell.recipe.model_dump(mode="json")
+    payload = {**cell.recipe.model_dump(mode="json"), "data": cell.recipe.data.identity()}
     for unrelated in ("tracking", "study"):  # the study section is in the cell through its distill keys already
         payload.pop(unrelated)
     return content_key(payload)

@@ -73,7 +73,7 @@ from dskd.cross_tokenizer import (
     listed_alternatives,
     tokenizer_key,
 )
-from dskd.data.collate import Encoder, collate_training
+from dskd.data.collate import Encoder, check_prompt_format, collate_training
 from dskd.data.pt_store import PTStore, weights_fingerprint
 from dskd.data.task import TaskData
 from dskd.engines import DistInfo, create_teacher_engine, partitioned_construction
@@ -202,9 +202,12 @@ class Teacher:
     def tokenizer(self, recipe: Recipe, task: TaskData):
         """The tokenizer the student's targets are written in. The embedded task ships its own."""
         if task.tokenizer_path is not None:
-            return load_tokenizer(recipe.teacher.model_copy(update={"tokenizer": str(task.tokenizer_path)}),
-                                  role="teacher")
-        return load_tokenizer(recipe.teacher, path=teacher_model_path(recipe), role="teacher")
+            tokenizer = load_tokenizer(recipe.teacher.model_copy(update={"tokenizer": str(task.tokenizer_path)}),
+                                       role="teacher")
+        else:
+            tokenizer = load_tokenizer(recipe.teacher, path=teacher_model_path(recipe), role="teacher")
+        check_prompt_format(recipe.data, tokenizer)  # a chat template that does not render: before any model
+        return tokenizer
 
     def training_pool(self, encoder: Encoder, labeled: datasets.Dataset | None, pts: datasets.Dataset | None,
                       sources: list[str]) -> TrainingPool:
@@ -320,7 +323,9 @@ class _StudentTokens(Teacher):
     def tokenizer(self, recipe: Recipe, task: TaskData):
         if task.tokenizer_path is not None:
             return super().tokenizer(recipe, task)
-        return load_tokenizer(recipe.student, role="student")  # the PTs were aligned to the student's tokens
+        tokenizer = load_tokenizer(recipe.student, role="student")  # the PTs were aligned to the student's tokens
+        check_prompt_format(recipe.data, tokenizer)
+        return tokenizer
 
     def identity(self, recipe: Recipe) -> str:
         return f"served:{public_url(recipe.generate.endpoint.url or '')}"

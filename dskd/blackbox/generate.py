@@ -266,7 +266,8 @@ class EndpointPTSource:
         return True  # the only process that generates
 
     def prepare(self, task: TaskData, tokenizer) -> None:
-        self.encoder = Encoder(tokenizer, Formatting.from_data(self.recipe.data, "seq2seq"))
+        data = self.recipe.data  # the encoder writes the PTs' target ids only: the prompt format is the endpoint's
+        self.encoder = Encoder(tokenizer, Formatting("seq2seq", data.max_input_tokens, data.max_target_tokens))
         self.rows = [{"id": f"{split}:{r['id']}", "split": split, "input": r["input"]}
                      for split in self.recipe.generate.splits
                      for r in task.require(split).select_columns(["id", "input"])]

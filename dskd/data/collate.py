@@ -9,15 +9,24 @@ Batch layout (both architectures) after `collate_training`:
   - causal:  input_ids/attention_mask [B, L] (prompt + target, right padded); targets [B, L]; target_mask [B, L]
 `targets[b, t]` is the token that the model's hidden state at position t must predict; `target_mask` marks
 the positions that count (target tokens incl. the final EOS; never prompt or padding).
+
+The prompt format (data.causal_separator, data.prompt_template, data.chat_template) is applied here and only
+here (`Encoder.prompt_ids_batch`), so gold and PT pairs, PT generation, Joint-Teaching samples, evaluation and
+the cross-tokenizer teacher's re-encoded prompts all read the same prompt. With a template, the prompt is the
+tokenizer's encoding of the rendered text (a BOS first where the model wants one and the text has none) and the
+target follows it: the separator is not appended (seq2seq: the rendered text, then EOS, is the encoder input).
+`prompt_renderer` checks a template against its tokenizer (`check_prompt_format`: before any model loads).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import torch
+
+from dskd.config import ConfigError
 
 Arch = Literal["seq2seq", "causal"]
 
@@ -30,11 +39,65 @@ class Formatting:
     max_input_tokens: int = 256
     max_target_tokens: int = 64
     causal_separator: str = "\n=> "
+    prompt_template: str | None = None  # "...{input}...": the prompt is the rendered text (no separator)
+    chat_template: bool = False  # the input as one user message through the tokenizer's chat template
 
     @classmethod
     def from_data(cls, data, arch: Arch) -> "Formatting":
         """From a recipe's `data` section (`dskd.config.DataConfig`) and the model's architecture."""
-        return cls(arch, data.max_input_tokens, data.max_target_tokens, data.causal_separator)
+        return cls(arch, data.max_input_tokens, data.max_target_tokens, data.causal_separator,
+                   data.prompt_template, data.chat_template)
+
+    @property
+    def templated(self) -> bool:
+        return self.prompt_template is not None or self.chat_template
+
+
+PROBE_INPUT = "dskd-probe-input-7f3a"  # rendered to check a template and to find the text around the input
+
+
+def tokenizer_name(tokenizer) -> str:
+    return getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+
+
+def prompt_renderer(tokenizer, formatting: Formatting) -> Callable[[str], str] | None:
+    """The text a template makes of an input (None: no template), checked on a probe input: a ConfigError naming
+    data.chat_template / data.prompt_template and the tokenizer when it cannot render."""
+    if formatting.prompt_template is not None:
+        template = formatting.prompt_template
+        return lambda text: template.format(input=text)
+    if not formatting.chat_template:
+        return None
+    name = tokenizer_name(tokenizer)
+    if formatting.arch == "seq2seq":
+        raise ConfigError(f"data.chat_template=true: the model of tokenizer {name} is an encoder-decoder (seq2seq) "
+                          "model; chat templates are for decoder-only models. Use data.prompt_template (it formats "
+                          "the encoder input) instead")
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(f"data.chat_template=true, but tokenizer {name} has no chat template (its "
+                          "tokenizer_config.json sets no chat_template): use an instruct model's tokenizer, or "
+                          "data.prompt_template to write the prompt format")
+
+    def render(text: str) -> str:
+        return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                             tokenize=False)
+
+    try:
+        probe = render(PROBE_INPUT)
+    except Exception as exc:  # a Jinja template raises anything (TemplateError, exceptions it raises itself)
+        raise ConfigError(f"data.chat_template=true: the chat template of tokenizer {name} fails to render one user "
+                          f"message ({type(exc).__name__}: {exc}); fix the tokenizer's chat_template, or use "
+                          "data.prompt_template") from None
+    if not isinstance(probe, str) or probe.count(PROBE_INPUT) != 1:
+        raise ConfigError(f"data.chat_template=true: the chat template of tokenizer {name} does not render the user "
+                          "message's text once, as it is; use data.prompt_template")
+    return render
+
+
+def check_prompt_format(data, tokenizer, arch: Arch | None = None) -> None:
+    """The recipe's prompt format renders with this tokenizer (`prompt_renderer`); `arch` None: not known yet
+    (before the model loads), the chat template checked as a decoder-only model's."""
+    prompt_renderer(tokenizer, Formatting.from_data(data, arch or "causal"))
 
 
 @dataclass
@@ -84,17 +147,33 @@ class Encoder:
             raise ValueError("the tokenizer has no eos_token; dskd needs one to end targets (set tokenizer.eos_token)")
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        sep = self.formatting.causal_separator
+        self._render = prompt_renderer(self.tokenizer, self.formatting)
+        sep = "" if self._render else self.formatting.causal_separator
         self._separator = self.tokenizer(sep, add_special_tokens=False)["input_ids"] if sep else []
+        if self._render:
+            self._affixes = tuple(self._render(PROBE_INPUT).split(PROBE_INPUT))  # the text around the input
+            overhead = len(self._rendered_ids([""])[0]) + len(self._tail())
+            if overhead >= self.formatting.max_input_tokens:
+                key = "data.prompt_template" if self.formatting.prompt_template is not None else "data.chat_template"
+                raise ConfigError(f"{key}: the prompt format alone takes {overhead} tokens of tokenizer "
+                                  f"{tokenizer_name(self.tokenizer)}, data.max_input_tokens="
+                                  f"{self.formatting.max_input_tokens} leaves no room for the input; raise it")
 
     def prompt_ids(self, text: str) -> list[int]:
-        """Model input for one example: the source (truncated), then EOS (seq2seq) or the separator (causal)."""
+        """Model input for one example: the source (truncated), then EOS (seq2seq) or the separator (causal);
+        with a template, the rendered source (the source cut to fit), then EOS (seq2seq)."""
         return self.prompt_ids_batch([text])[0]
 
     def prompt_ids_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        tail = [self.tokenizer.eos_token_id] if self.formatting.arch == "seq2seq" else self._separator
-        bos = self._causal_bos()
+        tail = self._tail()
         limit = self.formatting.max_input_tokens
+        if self._render:
+            out = []
+            for text, ids in zip(texts, self._rendered_ids(texts)):
+                self.truncated.saw_input(len(ids) + len(tail), limit)
+                out.append((ids if len(ids) + len(tail) <= limit else self._fit(text, limit - len(tail))) + tail)
+            return out
+        bos = self._causal_bos()
         room = limit - len(tail) - len(bos)
         out = []
         for ids in self._tokenize(texts):
@@ -102,16 +181,52 @@ class Encoder:
             out.append(bos + ids[:room] + tail)
         return out
 
+    def _tail(self) -> list[int]:
+        return [self.tokenizer.eos_token_id] if self.formatting.arch == "seq2seq" else self._separator
+
+    def _rendered_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        """The tokenizer's encoding of each rendered text, a BOS first where the model wants one and the rendered
+        text (a chat template's, say) does not start with it already."""
+        bos = self._causal_bos()
+        return [ids if ids[:len(bos)] == bos else bos + ids for ids in self._tokenize([self._render(t) for t in texts])]
+
+    def _fit(self, text: str, room: int) -> list[int]:
+        """The rendered prompt of the input cut (at a token) until it fits in `room`: the template stays whole."""
+        source = self._tokenize([text])[0]
+        keep = len(source)
+        for _ in range(8):
+            ids = self._rendered_ids([self.tokenizer.decode(source[:keep], skip_special_tokens=False,
+                                                            clean_up_tokenization_spaces=False)])[0]
+            if len(ids) <= room:
+                return ids
+            if keep == 0:
+                break
+            keep = max(0, keep - (len(ids) - room))
+        return self._rendered_ids([""])[0]  # fits: checked when the Encoder was made
+
     def prompt_source(self, prompt: Sequence[int]) -> list[int]:
-        """The source's ids inside a prompt built by `prompt_ids` (BOS and EOS/separator removed): what a model
-        with another tokenizer re-encodes as text (`dskd.cross_tokenizer`)."""
-        ids, bos = list(prompt), self._causal_bos()
-        tail = [self.tokenizer.eos_token_id] if self.formatting.arch == "seq2seq" else self._separator
-        if bos and ids[:len(bos)] == bos:
-            ids = ids[len(bos):]
+        """The source's ids inside a prompt built by `prompt_ids` (BOS, EOS/separator and the template's text
+        removed): what a model with another tokenizer re-encodes as text (`dskd.cross_tokenizer`)."""
+        ids, bos, tail = list(prompt), self._causal_bos(), self._tail()
         if tail and ids[-len(tail):] == tail:
             ids = ids[:-len(tail)]
+        if self._render:
+            return self._tokenize([self._source_text(ids)])[0]
+        if bos and ids[:len(bos)] == bos:
+            ids = ids[len(bos):]
         return ids
+
+    def _source_text(self, ids: list[int]) -> str:
+        """The input's text inside a rendered prompt's ids: the text between the template's prefix and suffix."""
+        prefix, suffix = self._affixes
+        decode = lambda part: self.tokenizer.decode(part, skip_special_tokens=False,  # noqa: E731
+                                                    clean_up_tokenization_spaces=False)
+        bos = self.tokenizer.bos_token_id
+        candidates = [decode(ids)] + ([decode(ids[1:])] if ids and ids[0] == bos else [])
+        for text in candidates:
+            if len(text) >= len(prefix) + len(suffix) and text.startswith(prefix) and text.endswith(suffix):
+                return text[len(prefix):len(text) - len(suffix)]
+        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     def measure(self, inputs: Sequence[str], targets: Sequence[str] | None = None,
                 chunk: int = 2048) -> TruncationCounter:

@@ -56,7 +56,8 @@ def _identity(meta: dict) -> dict:
     """The parts of the meta that decide the PTs' content (a teacher may move; its fingerprint may not)."""
     teacher = meta.get("teacher") or {}
     return {"decoding": meta.get("decoding"), "seed": meta.get("seed"), "generator": meta.get("generator"),
-            "teacher.fingerprint": teacher.get("fingerprint"), "data_fingerprint": meta.get("data_fingerprint")}
+            "teacher.fingerprint": teacher.get("fingerprint"), "data_fingerprint": meta.get("data_fingerprint"),
+            "prompt_format": meta.get("prompt_format") or None}  # the teacher's prompts (absent: the default)
 
 
 class PTStore:

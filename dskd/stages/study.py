@@ -109,7 +109,7 @@ class Study:
         path = Path(self.shared.run.output_dir) / "teacher_eval.json"
         teacher_dir = self.cells[0].recipe.teacher.path
         key = content_key([teacher_dir, _model_stamp(Path(teacher_dir)), self.recipe.evaluate.model_dump(mode="json"),
-                           EVALUATION_VERSION])
+                           EVALUATION_VERSION, *([prompt] if (prompt := self.recipe.data.prompt_format()) else [])])
         if path.is_file() and (record := json.loads(path.read_text())).get("key") == key:
             return record
         evaluator, labeled_targets = self.evaluator()

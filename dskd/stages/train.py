@@ -29,7 +29,7 @@ import torch.distributed as torch_dist
 
 from dskd import checkpoint, plots, preemption
 from dskd.config import ConfigError, Recipe, TrainConfig
-from dskd.data.collate import Encoder, Formatting
+from dskd.data.collate import Encoder, Formatting, check_prompt_format
 from dskd.data.pt_store import PTStore
 from dskd.data.task import TaskData, check_data_paths, load_task
 from dskd.engines import DistInfo, create_student_engine, init_distributed, student_ds_config
@@ -123,12 +123,14 @@ class TrainingStage:
         self.task = load_task(recipe, self.dist.is_main, needed=("labeled", "dev"))
         if self.stage == "teacher" and self.task.tokenizer_path is None:
             self.tokenizer = load_tokenizer(recipe.teacher, role="teacher")
+            check_prompt_format(recipe.data, self.tokenizer)
         else:
             self.tokenizer = self.primary.tokenizer(recipe, self.task)
         self.teacher_tokenizer = self.tokenizer  # the teacher's (and its PTs'); the student may name its own
         own_vocab = False
         if self.stage == "distill" and (recipe.student.tokenizer or recipe.student.init == "pretrained"):
             self.tokenizer = load_tokenizer(recipe.student, role="student")
+            check_prompt_format(recipe.data, self.tokenizer)  # before any model loads, as the teacher's was
             own_vocab = self.tokenizer.get_vocab() != self.teacher_tokenizer.get_vocab()
             if own_vocab:
                 self._check_own_student_vocabulary()
