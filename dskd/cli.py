@@ -9,6 +9,7 @@
     dskd study [--config RECIPE] [--quick]              the paper's comparison: variants x seeds, one report
     dskd serve-teacher --model DIR [--port P ...]       a local model as an OpenAI-compatible endpoint
     dskd plan --config RECIPE --nodes N --gpus-per-node G --gpu-memory 80GiB   placements, memory, time (no weights)
+    dskd ui [OUTPUT_DIR] [--port P] [--host H]          the MLflow UI on a run directory, until Ctrl-C
 
 Every user error is one line on stderr, `dskd: error: <what, where (file:line / recipe key), what to do>`, and
 exit code 2: recipe errors, missing paths, bad data (`DataError` is a `ConfigError`). The recipe, the paths the
@@ -108,6 +109,7 @@ def _parser() -> argparse.ArgumentParser:
     serve_help = "serve a local Hugging Face model as an OpenAI-compatible endpoint (black-box teacher)"
     add_serve_arguments(sub.add_parser("serve-teacher", help=serve_help, description=serve_help))
     _add_plan_arguments(sub)
+    _add_ui_arguments(sub)
     return parser
 
 
@@ -121,6 +123,15 @@ def _add_auto_plan_arguments(p) -> None:
     p.add_argument("--plan-nodes", type=int, metavar="N", help="nodes to plan for (default: from the launcher)")
     p.add_argument("--plan-gpus-per-node", type=int, metavar="G",
                    help="ranks per node to plan for (default: from the launcher, else 1)")
+
+
+def _add_ui_arguments(sub) -> None:
+    ui_help = "the MLflow UI on a run directory (its store opened where it is now), until Ctrl-C"
+    p = sub.add_parser("ui", help=ui_help, description=ui_help)
+    p.add_argument("output_dir", nargs="?", metavar="OUTPUT_DIR",
+                   help="a run's run.output_dir (default: the one under ./dskd-runs written last)")
+    p.add_argument("--port", type=int, default=5000, help="default 5000; 0 takes a free port")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
 
 
 def _add_plan_arguments(sub) -> None:
@@ -180,6 +191,13 @@ def main(argv: list[str] | None = None) -> int:
         preemption.say_on_interrupt("serve-teacher stopped by Ctrl-C")  # uvicorn stops, then re-raises it
         try:
             return serve_main(args)
+        except ConfigError as exc:
+            return _user_error(exc)
+    if args.stage == "ui":  # an mlflow server child process: no recipe, torch or DeepSpeed
+        from dskd.stages.ui import run_ui
+
+        try:
+            return run_ui(args.output_dir, host=args.host, port=args.port)
         except ConfigError as exc:
             return _user_error(exc)
     if args.stage == "plan":  # configs only: no torch, DeepSpeed or weights

@@ -121,6 +121,10 @@ def model_bytes(model: torch.nn.Module) -> int:
     return total + sum(b.numel() * b.element_size() for b in model.buffers())
 
 
+EFFICIENCY_KEYS = ("params", "model_mb", "probe_new_tokens", "latency_ms_per_token_mean", "latency_ms_per_token_std",
+                   "throughput_tokens_per_s")  # what `efficiency` measures: per model, not per evaluation set
+
+
 def efficiency(model, encoder: Encoder, prompts: Sequence[list[int]], decoding: DecodingConfig,
                config: EfficiencyConfig) -> dict[str, float]:
     """params, model_mb (MiB), batch-1 generate() latency (decoding as given) and greedy throughput at

@@ -215,3 +215,23 @@ def test_study_parent_name_cell_epochs_and_best_student(study):
     assert version.tags["dskd.study.variant"] == best
     assert version.run_id == runs[f"distill-{best}-seed1"].info.run_id
     assert {"dskd.teacher", "dskd.data_fingerprint", "study.dev.rougeL"} <= set(version.tags)
+
+
+def test_the_demo_parent_carries_the_headline_of_every_model_and_of_its_student():
+    """The parent's row in the runs table shows the demo's product (the Joint-Teaching student) under the same
+    set-named keys as a training run (`dev/rougeL`), every model's scores under `<set>/<model>/<metric>`, and
+    speed per model under `efficiency/`, never under a set."""
+    from dskd.stages.demo import headline_metrics
+    from dskd.stages.evaluate import EvalReport
+
+    speed = {"params": 1e6, "latency_ms_per_token_mean": 2.0}
+    report = EvalReport(results={"dev/teacher": {"rougeL": 30.0, **speed},
+                                 "dev/student:ce": {"rougeL": 10.0, **speed},
+                                 "dev/student:jt": {"rougeL": 20.0, "bleu": 5.0, **speed},
+                                 "dev/baseline (constant: 'x')": {"rougeL": 1.0}}, table="")
+    metrics = headline_metrics(report)
+    assert metrics["dev/rougeL"] == 20.0 and metrics["dev/bleu"] == 5.0  # the Joint-Teaching student's
+    assert metrics["dev/teacher/rougeL"] == 30.0 and metrics["dev/student_ce/rougeL"] == 10.0
+    assert metrics["dev/baseline/rougeL"] == 1.0
+    assert metrics["efficiency/student_jt/latency_ms_per_token_mean"] == 2.0 and metrics["efficiency/params"] == 1e6
+    assert not any(k.startswith("dev/") and "latency" in k for k in metrics)

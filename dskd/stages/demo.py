@@ -18,8 +18,9 @@ from dskd.config import Recipe, load_recipe
 from dskd.data.pt_store import PTStore
 from dskd.data.task import load_task
 from dskd.engines import init_distributed
+from dskd.evaluate import EFFICIENCY_KEYS
 from dskd.serve.cli import serve_in_subprocess
-from dskd.stages.evaluate import EvalReport, run_evaluate
+from dskd.stages.evaluate import EvalReport, metric_name, run_evaluate
 from dskd.stages.generate import run_generate
 from dskd.stages.train import train_stage
 from dskd.tracking import DESCRIPTION_TAG, Tracker, demo_description, parent_run_name, runs_view_url, tracking_uri
@@ -141,11 +142,31 @@ def register_student(parent: Tracker, recipe: Recipe, report: EvalReport, run_id
                           description=f"The Joint-Teaching student of `dskd demo` ({recipe.run.name}).")
 
 
+def headline_metrics(report: EvalReport) -> dict[str, float]:
+    """The parent run's headline, so the runs table shows it in the parent's row: every evaluated model's scores as
+    the evaluate run logs them (`<set>/<model>/<metric>`), and those of the student the demo is about (the
+    Joint-Teaching one; else the first student) also as `<set>/<metric>`, computed on the same set."""
+    students = sorted({key.partition("/")[2] for key in report.results if key.partition("/")[2].startswith("student:")})
+    product = "student:jt" if "student:jt" in students else (students[0] if students else None)
+    metrics = {}
+    for key, row in report.results.items():
+        where, _, model = key.partition("/")
+        for name, value in row.items():
+            if not isinstance(value, (int, float)):
+                continue
+            scope = "efficiency" if name in EFFICIENCY_KEYS else where  # speed is per model, not per set
+            metrics[f"{scope}/{metric_name(model)}/{name}"] = float(value)
+            if model == product:
+                metrics[f"{scope}/{name}"] = float(value)
+    return metrics
+
+
 def finish_demo(recipe: Recipe, parent, report: EvalReport, timings: dict[str, float], start: float, label: str,
                 is_main: bool = True) -> None:
     """Log a demo's stage timings and report on its parent run, and say where to look at it."""
     timings["total"] = time.perf_counter() - start
     parent.log_metrics({f"time/{k}_s": v for k, v in timings.items()})
+    parent.log_metrics(headline_metrics(report))
     parent.log_dict(report.results, "demo_report.json")
     parent.log_text(report.table, "demo_report.txt")
     if is_main:

@@ -68,7 +68,7 @@ def run_evaluate(recipe: Recipe, *, parent_run_id: str | None = None, tracker: T
             run.log_params({f"evaluate.model.{k}": path for k, (_, path) in models.items()})
             scored = {name: evaluator.evaluate(spec, path, own_tokenizer=name.startswith("student:"), progress=True)
                       for name, (spec, path) in models.items()}
-            run.log_metrics({metric_key("efficiency", k, _metric_name(name)): v for name, m in scored.items()
+            run.log_metrics({metric_key("efficiency", k, metric_name(name)): v for name, m in scored.items()
                              for k, v in m.efficiency.items()})
             train_targets = task.require("labeled")["target"]
             baseline_name, baselines = _baseline_name(train_targets), evaluator.baseline(train_targets)
@@ -85,7 +85,7 @@ def _report_set(run: Tracker, recipe: Recipe, eval_set: EvalSet, baselines: dict
     quality = {**baselines, **{name: m.sets[eval_set.split].scores.metrics for name, m in scored.items()}}
     results = {name: {**q, **(scored[name].efficiency if name in scored else {})} for name, q in quality.items()}
     predictions = {name: m.sets[eval_set.split].scores.predictions for name, m in scored.items()}
-    run.log_metrics({metric_key(eval_set.name, k, _metric_name(name)): v for name, q in quality.items()
+    run.log_metrics({metric_key(eval_set.name, k, metric_name(name)): v for name, q in quality.items()
                      for k, v in q.items()})
     caption = _caption(recipe, eval_set, results)
     table = f"{caption}\n{comparison_table(results)}"
@@ -131,5 +131,6 @@ def _baseline_name(train_targets: list[str], width: int = 30) -> str:
     return f"baseline (constant: {text!r})"
 
 
-def _metric_name(name: str) -> str:
+def metric_name(name: str) -> str:
+    """A model's name in metric keys (`student:jt` -> `student_jt`; every constant baseline is `baseline`)."""
     return "baseline" if name.startswith("baseline") else name.replace(":", "_")
