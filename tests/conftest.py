@@ -30,20 +30,28 @@ CORPUS = [
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tmp_path_factory):
     """A byte-level BPE tokenizer trained on a few lines, with <pad>=0 </s>=1 <unk>=2 <s>=3."""
+    fast = bpe_tokenizer(CORPUS, 300)
+    path = tmp_path_factory.mktemp("tok")
+    fast.save_pretrained(path)
+    return fast
+
+
+def bpe_tokenizer(corpus, vocab_size: int, normalizer=None):
+    """A byte-level BPE tokenizer learned on `corpus`, with <pad>=0 </s>=1 <unk>=2 <s>=3 (other corpora or sizes:
+    other vocabularies and merges, for tests of models with tokenizers of their own)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "</s>", "<unk>", "<s>"],
+    if normalizer is not None:
+        tok.normalizer = normalizer
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>", "<s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(CORPUS, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+    tok.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
                                    bos_token="<s>")
-    path = tmp_path_factory.mktemp("tok")
-    fast.save_pretrained(path)
-    return fast
 
 
 def tiny_config_kwargs(model_type: str, vocab_size: int, layers: int = 2) -> dict:

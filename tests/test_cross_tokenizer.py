@@ -21,26 +21,9 @@ import torch
 from dskd.config import ConfigError, load_recipe
 from dskd.cross_tokenizer import Carrier, TeacherView, check_alignable
 from dskd.tokens import token_pieces
-from tests.conftest import CORPUS, save_peaked_llama, tiny_config_kwargs, tiny_pairs, tiny_recipe
+from tests.conftest import CORPUS, bpe_tokenizer, save_peaked_llama, tiny_config_kwargs, tiny_pairs, tiny_recipe
 
 TEXT = "Return the header of the socket."
-
-
-def bpe_tokenizer(corpus: list[str], vocab_size: int, normalizer=None):
-    """A byte-level BPE tokenizer like conftest's `tiny_tokenizer` (the same special ids), own merges."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    if normalizer is not None:
-        tok.normalizer = normalizer
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>", "<s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(corpus, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-                                   bos_token="<s>")
 
 
 @pytest.fixture(scope="module")

@@ -16,24 +16,9 @@ from dskd.data.collate import Encoder, Formatting
 from dskd.generation import generate_ids
 from dskd.models import load_model
 from dskd.stages.evaluate import run_evaluate
-from tests.conftest import save_peaked_llama, tiny_config_kwargs, tiny_pairs, tiny_recipe
+from tests.conftest import bpe_tokenizer, save_peaked_llama, tiny_config_kwargs, tiny_pairs, tiny_recipe
 
 STUDENT = "own_tok"
-
-
-def _bpe(corpus: list[str], vocab_size: int):
-    """A byte-level BPE tokenizer with conftest's special ids (<pad>=0 </s>=1 <unk>=2 <s>=3), own merges."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>", "<s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(corpus, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-                                   bos_token="<s>")
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +26,7 @@ def setup(tiny_task, tiny_tokenizer, tmp_path_factory):
     """A recipe whose teacher (task tokenizer, 300 tokens) and exported student (its own ~420-token tokenizer,
     saved next to its weights only) are on disk; tracking off."""
     rows = tiny_pairs(64) + tiny_pairs(32, offset=100)
-    student_tok = _bpe([text for r in rows for text in (r["target"], r["input"])] * 3, 420)
+    student_tok = bpe_tokenizer([text for r in rows for text in (r["target"], r["input"])] * 3, 420)
     assert student_tok.get_vocab() != tiny_tokenizer.get_vocab()
     root = tmp_path_factory.mktemp("own_tok")
     tok_dir = root / "student_tokenizer"
