@@ -215,6 +215,11 @@ def test_study_parent_name_cell_epochs_and_best_student(study):
     assert version.tags["dskd.study.variant"] == best
     assert version.run_id == runs[f"distill-{best}-seed1"].info.run_id
     assert {"dskd.teacher", "dskd.data_fingerprint", "study.dev.rougeL"} <= set(version.tags)
+    # the parent's row in the runs table: the best variant's mean over seeds under the cells' own key
+    parent, key = runs["study-tiny"].data, f"{report.results['study']['eval_sets']['dev']}/rougeL"
+    assert key in runs[f"distill-{best}-seed1"].data.metrics  # the cells' own key: one column for all
+    assert parent.metrics[key] == variants[best]["splits"]["dev"]["rougeL"]["mean"]
+    assert parent.tags["dskd.study.best_variant"] == best
 
 
 def test_the_demo_parent_carries_the_headline_of_every_model_and_of_its_student():

@@ -227,6 +227,9 @@ def register_best_student(parent: Tracker, study: Study, report: StudyReport) ->
     if not means:
         return
     variant = max(means, key=means.get)
+    # the parent's row in the runs table: the best variant's mean over seeds, on the same set as the cells' own
+    parent.log_metrics({f"{report.results['study']['eval_sets'][split]}/rougeL": means[variant]})
+    parent.set_tags({"dskd.study.best_variant": variant})
     records = [r for r in (finished_record(cell) for cell in study.cells)
                if r and r.get("status") == "ok" and r.get("variant") == variant and r.get("run_id")]
     if not records:
