@@ -149,7 +149,7 @@ def child(recipe: str, report_dir: str) -> None:
 
     import torch
 
-    cuda = torch.cuda.is_available() and "device: cuda" in Path(recipe).read_text()
+    cuda = torch.cuda.is_available() and yaml.safe_load(Path(recipe).read_text())["run"]["device"] == "cuda"
 
     def peak_kib() -> int:
         return torch.cuda.max_memory_allocated() // 1024 if cuda else _status_kib("VmHWM")
