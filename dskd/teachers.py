@@ -200,10 +200,10 @@ class Teacher:
     local_model = False  # whether the stage must build and place the teacher's weights in this process
 
     def tokenizer(self, recipe: Recipe, task: TaskData):
-        """The tokenizer the student's targets are written in. The embedded task ships its own."""
-        if task.tokenizer_path is not None:
-            tokenizer = load_tokenizer(recipe.teacher.model_copy(update={"tokenizer": str(task.tokenizer_path)}),
-                                       role="teacher")
+        """The tokenizer the student's targets are written in: the teacher's (the embedded task's own for a
+        teacher built from a config, `TaskData.tokenizer_for`)."""
+        if (own := task.tokenizer_for(recipe.teacher)) is not None:
+            tokenizer = load_tokenizer(recipe.teacher.model_copy(update={"tokenizer": str(own)}), role="teacher")
         else:
             tokenizer = load_tokenizer(recipe.teacher, path=teacher_model_path(recipe), role="teacher")
         check_prompt_format(recipe.data, tokenizer)  # a chat template that does not render: before any model
@@ -321,7 +321,7 @@ class _StudentTokens(Teacher):
     """A served teacher: the targets are written in the student's tokenizer (the server's must be the same)."""
 
     def tokenizer(self, recipe: Recipe, task: TaskData):
-        if task.tokenizer_path is not None:
+        if task.tokenizer_for(recipe.teacher) is not None:
             return super().tokenizer(recipe, task)
         tokenizer = load_tokenizer(recipe.student, role="student")  # the PTs were aligned to the student's tokens
         check_prompt_format(recipe.data, tokenizer)

@@ -325,3 +325,32 @@ def test_dskd_plan_reads_a_gguf_teachers_shape_from_its_header_without_convertin
     teacher, _ = recipe_shapes(recipe)
     assert teacher.params.total == sum(p.numel() for p in reference.parameters())
     assert cache["conversions"] == []  # planning reads the header: nothing is converted
+
+
+def test_package_source_names_the_gguf_an_installed_package_ships(tmp_path, monkeypatch):
+    """`package:<module>`: the one .gguf in the package's directory, else what its assemble() writes (a model split
+    over packages); a missing package, or one with several files, is an error naming the recipe key."""
+    from dskd.config import packaged_gguf
+
+    single, split, several = tmp_path / "pkg_single", tmp_path / "pkg_split", tmp_path / "pkg_several"
+    for package in (single, split, several):
+        package.mkdir()
+        (package / "__init__.py").write_text("")
+    (single / "model-Q4.gguf").write_bytes(b"GGUF")
+    assembled = tmp_path / "assembled.gguf"
+    (split / "__init__.py").write_text(f"def assemble():\n    from pathlib import Path\n"
+                                       f"    return Path({str(assembled)!r})\n")
+    (several / "a.gguf").write_bytes(b"GGUF")
+    (several / "b.gguf").write_bytes(b"GGUF")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    packaged_gguf.cache_clear()
+    try:
+        assert ModelConfig(path="package:pkg_single").path == str(single / "model-Q4.gguf")
+        assert ModelConfig(tokenizer="package:pkg_split").tokenizer == str(assembled)
+        assert ModelConfig(path=str(assembled)).path == str(assembled)  # a plain path stays as given
+        with pytest.raises(ValueError, match=r"package:pkg_missing: no installed Python package 'pkg_missing'"):
+            ModelConfig(path="package:pkg_missing")
+        with pytest.raises(ValueError, match=r"expected one \.gguf file .*found: a\.gguf, b\.gguf"):
+            ModelConfig(path="package:pkg_several")
+    finally:
+        packaged_gguf.cache_clear()

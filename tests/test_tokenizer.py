@@ -39,3 +39,24 @@ def test_training_is_deterministic(tmp_path):
 def test_too_small_vocab_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="vocab_size=100 is too small"):
         train_bpe_tokenizer(CORPUS, vocab_size=100, out_dir=tmp_path / "t")
+
+
+def test_embedded_task_tokenizer_serves_only_a_teacher_built_from_a_config(tmp_path):
+    """The embedded task trains its own BPE for models built from a config; a teacher checkpoint (or a named
+    teacher.tokenizer) reads its own. Before the fix SmolLM2-135M was fine-tuned on the task's ids: its loss
+    started at 10.7, ln(49,152), a model reading someone else's vocabulary."""
+    from dskd.config import Recipe
+    from dskd.data.task import TaskData
+    from dskd.teachers import teacher_for
+
+    train_bpe_tokenizer(CORPUS, vocab_size=600, out_dir=tmp_path / "task_tok")
+    train_bpe_tokenizer(CORPUS[:1], vocab_size=400, out_dir=tmp_path / "teacher")
+    task = TaskData(splits={}, tokenizer_path=tmp_path / "task_tok")
+    teachers = {
+        "pretrained": ({"path": str(tmp_path / "teacher")}, 400),
+        "config": ({"init": "config", "model_type": "llama"}, 600),
+        "config + tokenizer": ({"init": "config", "model_type": "llama", "tokenizer": str(tmp_path / "teacher")}, 400),
+    }
+    for name, (teacher, size) in teachers.items():
+        recipe = Recipe(data={"task": "docstrings"}, teacher=teacher)
+        assert len(teacher_for(recipe).tokenizer(recipe, task)) == size, name

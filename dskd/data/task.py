@@ -17,7 +17,7 @@ from pathlib import Path
 import datasets
 import torch.distributed as dist
 
-from dskd.config import ConfigError, DataConfig, Recipe
+from dskd.config import ConfigError, DataConfig, ModelConfig, Recipe
 from dskd.data.collate import Encoder, TruncationCounter
 from dskd.data.docstrings import build_docstring_task
 from dskd.data.sources import SPLITS, LoadReport, check_data_files, load_split
@@ -31,6 +31,14 @@ class TaskData:
     fingerprint: str = ""
     tokenizer_path: Path | None = None  # embedded task: the trained tokenizer
     truncation: dict[str, TruncationCounter] = field(default_factory=dict)  # filled by count_truncation
+
+    def tokenizer_for(self, teacher: ModelConfig) -> Path | None:
+        """The embedded task's own tokenizer when it is the one the teacher reads: a teacher built from a config
+        (or one without weights of its own, e.g. served) reads it; a checkpoint (teacher.path, not init=config)
+        or a named teacher.tokenizer brings its own vocabulary, which its weights were trained on."""
+        if self.tokenizer_path is None or teacher.tokenizer or (teacher.init != "config" and teacher.path):
+            return None
+        return self.tokenizer_path
 
     def metrics(self) -> dict[str, int]:
         out: dict[str, int] = {}

@@ -121,7 +121,7 @@ class TrainingStage:
     def setup_data(self) -> None:
         recipe = self.recipe
         self.task = load_task(recipe, self.dist.is_main, needed=("labeled", "dev"))
-        if self.stage == "teacher" and self.task.tokenizer_path is None:
+        if self.stage == "teacher" and self.task.tokenizer_for(recipe.teacher) is None:
             self.tokenizer = load_tokenizer(recipe.teacher, role="teacher")
             check_prompt_format(recipe.data, self.tokenizer)
         else:
