@@ -3,7 +3,7 @@
 Each model reads the same text in its own tokens: the student's pairs (gold, PTs, Joint-Teaching samples) are
 decoded and encoded again with the teacher's tokenizer and formatting (`Retokenizer`). The teacher's forward
 gives, per teacher target position, its top-k tokens with exact log-probs plus tail draws
-(`teacher_cache.sparse_distribution`), from full-vocabulary logits of at most ROWS_PER_CHUNK positions at a time
+(`teacher_cache.sparse_distribution`), from full-vocabulary logits of about ROWS_PER_CHUNK positions at a time
 (`listed_alternatives`). `Carrier` puts them on the student's target tokens by character offset
 (`dskd.blackbox.align.char_map`, `dskd.tokens`), as a sparse top-k signal for `dskd.losses.sparse`:
 
@@ -42,7 +42,7 @@ from dskd.blackbox.align import AlignmentStats, char_map
 from dskd.config import ConfigError, ModelConfig
 from dskd.data.collate import Encoder, collate_training
 from dskd.objectives import Pair
-from dskd.teacher_cache import ROWS_PER_CHUNK, SparseSpec, sparse_distribution
+from dskd.teacher_cache import SparseSpec, score_sparse
 from dskd.tokens import SurfaceVocab, anchor_id, piece_in_context, token_pieces
 
 CARRY_VERSION = "carry-1"  # part of a cached carried signal's identity: bump when what is carried changes
@@ -111,28 +111,16 @@ class Retokenizer:
                                 self.teacher.tokenizer.pad_token_id, decoder_start)
 
 
-@torch.no_grad()
 def listed_alternatives(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, mask: torch.Tensor,
                         spec: SparseSpec, vocab_size: int, seeds: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per batch row, (ids [T, w], log-probs [T, w]) of the teacher's sparse distribution at its target positions,
-    from logits of at most ROWS_PER_CHUNK positions at a time (never [T, V] for a long sequence); row b's tail draws
-    come from a generator seeded with seeds[b], so a pair draws the same tokens live and cached."""
-    w = weight[:vocab_size].float()
-    b = None if bias is None else bias.reshape(-1)[:vocab_size].float()
-    out = []
-    for row, seed in enumerate(seeds):
-        positions = hidden[row][mask[row]]
-        generator = torch.Generator(device=positions.device).manual_seed(seed)
-        ids, values = [], []
-        for start in range(0, positions.shape[0], ROWS_PER_CHUNK):
-            logits = positions[start:start + ROWS_PER_CHUNK].float() @ w.T
-            if b is not None:
-                logits += b
-            chunk = sparse_distribution(torch.log_softmax(logits, -1), spec, [(logits.shape[0], generator)])
-            ids.append(chunk[0].cpu())
-            values.append(chunk[1].float().cpu())
-        out.append((torch.cat(ids).numpy(), torch.cat(values).numpy()))
-    return out
+    """Per batch row, (ids [T, w], log-probs [T, w]) of the teacher's sparse distribution at its target positions:
+    `score_sparse`, the cache's scorer (whole pairs' logits about ROWS_PER_CHUNK positions at a time, never [T, V]
+    for a long sequence; row b's tail draws from a generator seeded with seeds[b], so a pair draws the same tokens
+    live and cached), split back into rows."""
+    ids, values = score_sparse(hidden, weight, bias, mask, spec, vocab_size, seeds)
+    bounds = np.cumsum([0, *mask.sum(1).tolist()])
+    ids, values = ids.to(torch.int64).numpy(), values.float().numpy()
+    return [(ids[a:b], values[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 @dataclass
