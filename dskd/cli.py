@@ -76,7 +76,8 @@ def _parser() -> argparse.ArgumentParser:
     for stage in STAGES:
         p = sub.add_parser(stage, help=helps[stage], description=helps[stage])
         if stage == "study":
-            p.add_argument("--config", help="a recipe with a study section (default: the embedded study recipe)")
+            p.add_argument("--config", help="a recipe with a study section, or a shipped one by name: study_smollm2, "
+                                            "study_cross_tokenizer (default: the embedded study recipe)")
             p.add_argument("--quick", action="store_true", help="the embedded toy study: 2 variants x 2 seeds")
             p.add_argument("--print-recipe", action="store_true", help="print the resolved recipe and exit")
             p.add_argument("--list-cells", action="store_true", help="print the grid, one cell per line, and exit")
@@ -270,7 +271,7 @@ def _recipe(args, overrides: list[str]) -> Recipe | None:
     elif args.stage == "demo" and not args.config:
         return None
     else:
-        recipe = load_recipe(args.config, overrides)
+        recipe = load_recipe(config_path(args.config), overrides)
     if args.stage == "study":
         study_cells(recipe)
     if not (getattr(args, "print_recipe", False) or getattr(args, "list_cells", False)):
@@ -297,12 +298,21 @@ def _auto_plan(args, recipe: Recipe | None, overrides: list[str], rank: int) -> 
     planned = auto_plan(recipe, args.stage, machine, list(args.overrides))
     if rank == 0:
         print(planned.text, flush=True)
-    return load_recipe(args.config, planned.applied + overrides)
+    return load_recipe(config_path(args.config), planned.applied + overrides)
 
 
 def packaged_recipe_path(name: str) -> Path:
     """A recipe shipped in dskd/recipes/ (a regular file inside the installed package)."""
     return Path(str(resources.files("dskd") / "recipes" / name))
+
+
+def config_path(config: str) -> str | Path:
+    """--config: a recipe file, or the name of one shipped in dskd/recipes/ (`study_smollm2`), for a file that
+    does not exist; anything else is left to load_recipe's error."""
+    if Path(config).exists() or "/" in config or "\\" in config:
+        return config
+    shipped = packaged_recipe_path(config if config.endswith((".yaml", ".yml")) else f"{config}.yaml")
+    return shipped if shipped.is_file() else config
 
 
 def _preflight(recipe: Recipe, stage: str) -> None:

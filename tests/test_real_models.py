@@ -120,3 +120,26 @@ def test_a_real_teacher_distils_on_two_ranks_as_on_one_and_with_joint_teaching(n
     jt_losses = _metric(out, "train/loss")  # KD on gold and on its own samples: it learns (Gemma: ~51 -> ~11)
     assert len(jt_losses) == 3 and all(math.isfinite(loss) for loss in jt_losses), jt_losses
     assert jt_losses[-1] < jt_losses[0], jt_losses
+
+
+def test_the_shipped_real_teacher_studies_name_the_packaged_models():
+    """dskd/recipes/study_smollm2.yaml and study_cross_tokenizer.yaml validate as `dskd study --config NAME` reads
+    them: teachers and the cross student's tokenizer resolved from the installed packages (`package:`), every KD
+    cell on the shared teacher cache, the same-tokenizer cells on the teacher's own tokenizer."""
+    from dskd.cli import config_path
+    from dskd.config import load_recipe
+    from dskd.study import study_cells
+
+    smol = load_recipe(config_path("study_smollm2"))
+    assert smol.teacher.path == str(smollm2_gguf()) and smol.student.init == "prune"
+    cells = study_cells(smol)
+    assert len(cells) == 15 and {c.variant for c in cells} == {"finetune", "logits_kd", "seq_kd", "kd_pts_all",
+                                                               "joint_teaching"}
+    cross = load_recipe(config_path("study_cross_tokenizer"))
+    assert cross.teacher.path == str(gemma3_gguf())
+    by_variant = {c.variant: c.recipe for c in study_cells(cross)}
+    assert by_variant["kd_cross_tokenizer"].student.tokenizer == str(smollm2_gguf())
+    assert by_variant["ce_cross_tokenizer"].student.tokenizer == str(smollm2_gguf())
+    assert by_variant["kd_same_tokenizer"].student.tokenizer is None
+    assert {r.teacher.signal for name, r in by_variant.items() if name.startswith("kd")} == {"cached"}
+    assert {r.distill.loss for name, r in by_variant.items()} == {"ce", "kd"}
