@@ -240,3 +240,23 @@ def test_the_demo_parent_carries_the_headline_of_every_model_and_of_its_student(
     assert metrics["dev/baseline/rougeL"] == 1.0
     assert metrics["efficiency/student_jt/latency_ms_per_token_mean"] == 2.0 and metrics["efficiency/params"] == 1e6
     assert not any(k.startswith("dev/") and "latency" in k for k in metrics)
+
+
+def test_the_logged_recipe_carries_no_credentials_of_the_endpoint_url(tmp_path):
+    """user:password@ and a query string (API keys live there) never reach MLflow's params or recipe.yaml."""
+    from dskd.config import Recipe, TrackingConfig
+    from dskd.tracking import Tracker
+
+    recipe = Recipe(generate={"endpoint": {"url": "http://user:PASSWORD1@host:8000/v1?key=QUERYKEY2"}},
+                    distill={"loss": "ce"})
+    tracker = Tracker(TrackingConfig(experiment="t", uri=f"sqlite:///{tmp_path / 'm.db'}", system_metrics=False),
+                      tmp_path)
+    with tracker.run("generate") as run:
+        run.log_recipe(recipe)
+        run_id = run.run_id
+    logged = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'm.db'}").get_run(run_id)
+    assert logged.data.params["generate.endpoint.url"] == "http://host:8000/v1"
+    text = json.dumps(logged.data.params) + "".join(p.read_text() for p in tmp_path.rglob("recipe.yaml"))
+    assert "recipe.yaml" in str(list(tmp_path.rglob("recipe.yaml"))) and "PASSWORD1" not in text
+    assert "QUERYKEY2" not in text
+    assert recipe.generate.endpoint.url.endswith("?key=QUERYKEY2")  # the run itself keeps the URL whole
