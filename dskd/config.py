@@ -405,6 +405,9 @@ class StudyConfig(Strict):
     curve_examples: int = Field(100, ge=1)  # dev examples behind each curve point
     variants: dict[str, dict[str, Any]] = Field(default_factory=lambda: copy.deepcopy(PAPER_VARIANTS), min_length=1)
     reference: str = "joint_teaching"  # compared with every other variant by a paired test over dev examples
+    # more (a, b) pairs for the same paired test (variant names, or "teacher"); the paper's orderings present in
+    # the grid are always tested
+    comparisons: list[tuple[str, str]] = []
     resamples: int = Field(10_000, ge=100)  # paired bootstrap / permutation resamples
     # cells whose objective a top-k teacher defines (logits KD, forward KL at T=1, no noisy or attention KD) read
     # the teacher from one shared cache (teacher.signal=cached) instead of running its forward every step
@@ -426,6 +429,11 @@ class StudyConfig(Strict):
         if self.reference not in self.variants:
             raise ValueError(f"study.reference={self.reference!r} is not a variant; variants: "
                              f"{', '.join(self.variants)}")
+        for pair in self.comparisons:
+            unknown = [n for n in pair if n != "teacher" and n not in self.variants]
+            if unknown:
+                raise ValueError(f"study.comparisons {list(pair)}: {unknown[0]!r} is not a variant (or 'teacher'); "
+                                 f"variants: {', '.join(self.variants)}")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"study.seeds repeats a seed: {self.seeds}")
         return self

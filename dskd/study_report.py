@@ -127,6 +127,7 @@ def build_report(recipe: Recipe, cells: list[Cell], records: list[dict | None], 
             if name == study.reference or ref is None or other is None:
                 continue
             comparisons[split][name] = paired_comparison(ref, other, study.resamples, seed=recipe.run.seed).as_dict()
+    pairs = _pairs(recipe, by_variant, teacher, splits)
     results = {
         "study": {"name": recipe.run.name, "seeds": study.seeds, "steps": study.steps, "reference": study.reference,
                   "variants": study.variants, "cells": len(cells), "finished": sum(r is not None for r in records),
@@ -144,7 +145,8 @@ def build_report(recipe: Recipe, cells: list[Cell], records: list[dict | None], 
         "baseline": teacher.get("baseline", {}),
         "variants": variants,
         "comparisons": comparisons,
-        "orderings": _orderings(variants, comparisons, study.reference, splits[0]),
+        "pairs": pairs,
+        "orderings": _orderings(variants, pairs, splits[0]),
     }
     report = StudyReport(results, "")
     report.figures, results["pictures"] = _figures(results, by_variant, teacher)
@@ -152,7 +154,22 @@ def build_report(recipe: Recipe, cells: list[Cell], records: list[dict | None], 
     return report
 
 
-def _orderings(variants: dict, comparisons: dict, reference: str, split: str) -> list[dict]:
+def _pairs(recipe: Recipe, by_variant: dict[str, list[dict]], teacher: dict, splits: list[str]) -> dict:
+    """The paired test for the paper's orderings present in the grid and the recipe's study.comparisons (a "teacher"
+    side: its per-example scores), per split: {split: {"a vs b": comparison}}."""
+    wanted = [p for p in PAPER_ORDERING if p[0] in by_variant and p[1] in by_variant]
+    wanted += [tuple(p) for p in recipe.study.comparisons if tuple(p) not in wanted]
+    out: dict[str, dict] = {}
+    for split in splits:
+        scores = {name: _per_example(rs, split) for name, rs in by_variant.items()}
+        scores["teacher"] = np.asarray(teacher["splits"][split]["rougeL"], dtype=float)
+        out[split] = {f"{a} vs {b}": {"a": a, "b": b, **paired_comparison(scores[a], scores[b], recipe.study.resamples,
+                                                                          seed=recipe.run.seed).as_dict()}
+                      for a, b in wanted if scores.get(a) is not None and scores.get(b) is not None}
+    return out
+
+
+def _orderings(variants: dict, pairs: dict, split: str) -> list[dict]:
     out = []
     for better, worse in PAPER_ORDERING:
         if better not in variants or worse not in variants:
@@ -161,8 +178,8 @@ def _orderings(variants: dict, comparisons: dict, reference: str, split: str) ->
         if a != a or b != b:
             continue
         item = {"better": better, "worse": worse, "split": split, "means": [a, b], "held": bool(a > b)}
-        if better == reference and worse in comparisons.get(split, {}):
-            item["p_value"] = comparisons[split][worse]["p_value"]
+        if (tested := pairs.get(split, {}).get(f"{better} vs {worse}")) is not None:
+            item["p_value"] = tested["p_value"]
         out.append(item)
     return out
 
@@ -195,7 +212,7 @@ def _markdown(results: dict) -> str:
              f"{study['efficiency_batch_size']}{_probe_words(study)}, whatever the model).", ""]
     if study["missing"]:
         lines += [f"Not finished yet: {', '.join(study['missing'])}.", ""]
-    lines += _main_table(results) + _comparison_tables(results) + _ordering_lines(results)
+    lines += _main_table(results) + _comparison_tables(results) + _pair_tables(results) + _ordering_lines(results)
     lines += _identical_seed_lines(results)
     failures = [(n, v["seeds_failed"], v["failures"]) for n, v in results["variants"].items() if v["seeds_failed"]]
     if failures:
@@ -287,6 +304,21 @@ def _comparison_tables(results: dict) -> list[str]:
                   "|---|---|---|---|---|---|---|"]
         for name, c in comparisons.items():
             lines.append(f"| {name} | {c['mean_a']:.2f} | {c['mean_b']:.2f} | {c['difference']:+.2f} | "
+                         f"[{c['ci_low']:+.2f}, {c['ci_high']:+.2f}] | {c['p_value']:.3g} | {c['wins']} / {c['losses']} |")
+    return lines
+
+
+def _pair_tables(results: dict) -> list[str]:
+    lines = []
+    for split, pairs in results.get("pairs", {}).items():
+        if not pairs:
+            continue
+        name, size = results["study"]["eval_sets"][split], results["study"]["eval_set_sizes"][split]
+        lines += ["", f"## Paired comparisons ({name}, over its {size} examples: the paper's orderings and "
+                      "study.comparisons)", "",
+                  "| a vs b | a | b | difference | 95% CI | p | examples better / worse |", "|---|---|---|---|---|---|---|"]
+        for label, c in pairs.items():
+            lines.append(f"| {label} | {c['mean_a']:.2f} | {c['mean_b']:.2f} | {c['difference']:+.2f} | "
                          f"[{c['ci_low']:+.2f}, {c['ci_high']:+.2f}] | {c['p_value']:.3g} | {c['wins']} / {c['losses']} |")
     return lines
 

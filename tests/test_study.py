@@ -117,7 +117,8 @@ def _record(variant: str, seed: int, rouge: list[float], steps: int = 10) -> dic
 
 
 def test_report_tables_failed_cells_comparisons_orderings_and_pictures(tmp_path):
-    recipe = load_recipe(FULL, [f"run.output_dir={tmp_path}", "study.seeds=[1,2]", "evaluate.splits=[dev]"])
+    recipe = load_recipe(FULL, [f"run.output_dir={tmp_path}", "study.seeds=[1,2]", "evaluate.splits=[dev]",
+                                "study.comparisons=[[teacher, finetune], [kd_pts_all, finetune]]"])
     cells = [c for c in study_cells(recipe) if c.variant in ("finetune", "logits_kd", "kd_pts_all", "joint_teaching")]
     rng = np.random.default_rng(1)
     base = rng.uniform(0, 40, 50)
@@ -150,6 +151,18 @@ def test_report_tables_failed_cells_comparisons_orderings_and_pictures(tmp_path)
     held = {(o["better"], o["worse"]): o["held"] for o in report.results["orderings"]}
     assert held == {("joint_teaching", "kd_pts_all"): False, ("kd_pts_all", "logits_kd"): True,
                     ("logits_kd", "finetune"): True}
+    # every ordering and every study.comparisons pair gets its own paired test ("teacher": its per-example scores)
+    pairs = report.results["pairs"]["dev"]
+    assert set(pairs) == {"joint_teaching vs kd_pts_all", "kd_pts_all vs logits_kd", "logits_kd vs finetune",
+                          "teacher vs finetune", "kd_pts_all vs finetune"}
+    assert pairs["logits_kd vs finetune"]["difference"] == pytest.approx(1.0, abs=0.1)
+    assert pairs["logits_kd vs finetune"]["p_value"] < 0.01
+    assert pairs["teacher vs finetune"]["difference"] == pytest.approx(40.0 - base.mean(), abs=0.1)
+    assert {(o["better"], o["worse"]): o["p_value"] for o in report.results["orderings"]}[
+        ("logits_kd", "finetune")] == pairs["logits_kd vs finetune"]["p_value"]
+    assert "## Paired comparisons" in report.markdown and "| teacher vs finetune |" in report.markdown
+    with pytest.raises(ValueError, match="'nope' is not a variant"):
+        load_recipe(FULL, [f"run.output_dir={tmp_path}", "study.comparisons=[[teacher, nope]]"])
     md = report.markdown
     assert "| **teacher** |" in md and "| constant output |" in md and "+1 failed: seeds [2]" in md
     assert "joint_teaching > kd_pts_all: did NOT hold" in md and "training diverged at step 7" in md
