@@ -1,10 +1,9 @@
 """How much of same-tokenizer KD's gain over CE cross-tokenizer KD recovers, from a finished cross-tokenizer study.
 
     python benchmarks/cross_tokenizer_gain.py dskd-runs/study-cross-tokenizer
-    python benchmarks/cross_tokenizer_gain.py dskd-runs/study-cross-tokenizer-reverse
 
-Reads the study's cells (`cells/<variant>-seed<s>/cell.json`, written by `dskd study --config study_cross_tokenizer`
-or `study_cross_tokenizer_reverse`: variants ce/kd_same_tokenizer, ce/kd_cross_tokenizer) and prints
+Reads the study's cells (`cells/<variant>-seed<s>/cell.json`, written by `dskd study --config study_cross_tokenizer`,
+or any study with the variants ce/kd_same_tokenizer and ce/kd_cross_tokenizer) and prints
 - each student's gain from logits KD over its own CE baseline: dev ROUGE-L, per seed (same seed: same data order and
   initialization within a tokenizer) and over seeds (mean, sample std);
 - recovery = gain(cross) / gain(same): from the per-example ROUGE-L averaged over seeds, with a 95% bootstrap interval
