@@ -174,6 +174,6 @@ def finish_demo(recipe: Recipe, parent, report: EvalReport, timings: dict[str, f
         print(f"[dskd] {label} finished in {timings['total'] / 60:.1f} min "
               f"({', '.join(f'{k} {v:.0f}s' for k, v in timings.items() if k != 'total')})")
         print(f"[dskd] MLflow run: {parent.run_id} (experiment '{recipe.tracking.experiment}')")
-        print(f"[dskd] open it with:  mlflow ui --backend-store-uri {uri}")
+        print(f"[dskd] open it with:  dskd ui {recipe.run.output_dir}   (or: mlflow ui --backend-store-uri {uri})")
         if parent.active:
             print(f"[dskd] then the training runs at:  {runs_view_url(parent.experiment_id)}")

@@ -212,8 +212,8 @@ def run_study(recipe: Recipe, step: str = "all", cells: list[int] | None = None)
             register_best_student(parent, study, report)
             parent.log_metrics({"study/wall_s": time.perf_counter() - start})
     if report is not None and study.tracker.active:
-        print(f"[dskd] MLflow: the study's runs at {runs_view_url(study.tracker.experiment_id)} (`mlflow ui "
-              f"--backend-store-uri {study.tracker.uri}`)")
+        print(f"[dskd] MLflow: the study's runs at {runs_view_url(study.tracker.experiment_id)} (`dskd ui "
+              f"{recipe.run.output_dir}`, or `mlflow ui --backend-store-uri {study.tracker.uri}`)")
     return report
 
 
