@@ -16,6 +16,7 @@ import re
 import string
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -439,6 +440,15 @@ class StudyConfig(Strict):
         return self
 
 
+def public_url(url: str) -> str:
+    """The URL without user:password@ and without a query string (API keys sometimes live there)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
 class Recipe(Strict):
     run: RunConfig = RunConfig()
     tracking: TrackingConfig = TrackingConfig()
@@ -477,6 +487,15 @@ class Recipe(Strict):
         if self.teacher.signal != "local" and self.distill.loss == "kd":
             self._check_top_k_teacher()
         return self
+
+    def shareable(self) -> "Recipe":
+        """The recipe as it may be logged: the endpoint URL without user:password@ or a query string (where API
+        keys sometimes live); the recipe the stages run keeps it whole."""
+        endpoint = self.generate.endpoint
+        if endpoint is None or not endpoint.url or endpoint.url == public_url(endpoint.url):
+            return self
+        shown = endpoint.model_copy(update={"url": public_url(endpoint.url)})
+        return self.model_copy(update={"generate": self.generate.model_copy(update={"endpoint": shown})})
 
     @property
     def teacher_in_process(self) -> bool:

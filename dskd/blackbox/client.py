@@ -34,7 +34,7 @@ from urllib.parse import urlsplit, urlunsplit
 import requests
 from requests.auth import AuthBase
 
-from dskd.config import ConfigError
+from dskd.config import ConfigError, public_url
 
 TRANSIENT_STATUS = {408, 409, 429}
 
@@ -61,15 +61,6 @@ class NoPromptLogprobs(EndpointError):
 
 class BadResponse(ValueError):
     """A 200 response that is not what the protocol promises."""
-
-
-def public_url(url: str) -> str:
-    """The URL without user:password@ and without a query string (API keys sometimes live there)."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
 def _without_userinfo(url: str) -> str:

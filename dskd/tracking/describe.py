@@ -10,7 +10,6 @@ Contracts:
 
 from __future__ import annotations
 
-from dskd.blackbox.client import public_url
 from dskd.config import EPOCHS_UNBOUNDED, DistillConfig, ModelConfig, Recipe, TrainConfig, flatten
 
 DESCRIPTION_TAG = "mlflow.note.content"
@@ -28,16 +27,6 @@ def parent_run_name(kind: str, name: str) -> str:
 
 def default_description(stage: str | None, run_name: str) -> str:
     return _BY_STAGE.get(stage or "", f"dskd run '{run_name}'" + (f" (stage {stage})." if stage else "."))
-
-
-def shareable(recipe: Recipe) -> Recipe:
-    """The recipe as it may be logged: the endpoint URL without user:password@ or a query string (where API keys
-    sometimes live); the recipe the stages run keeps it whole."""
-    endpoint = recipe.generate.endpoint
-    if endpoint is None or not endpoint.url or endpoint.url == public_url(endpoint.url):
-        return recipe
-    generate = recipe.generate.model_copy(update={"endpoint": endpoint.model_copy(update={"url": public_url(endpoint.url)})})
-    return recipe.model_copy(update={"generate": generate})
 
 
 def recipe_params(recipe: Recipe) -> dict[str, str]:

@@ -54,7 +54,7 @@ from dskd.config import DataConfig, Recipe, TrackingConfig, to_yaml
 from dskd.tracking import models
 from dskd.tracking.buffer import BATCH, BUFFER_DIR, OutageBuffer, summary
 from dskd.tracking.context import DataInput, source_tags
-from dskd.tracking.describe import DESCRIPTION_TAG, default_description, recipe_params, shareable
+from dskd.tracking.describe import DESCRIPTION_TAG, default_description, recipe_params
 from dskd.tracking.http import StillDown, TrackingUnavailable, brief, probe, short_http, unavailable
 from dskd.tracking.owners import LAST_RUNS_DIR, alive, flocked, marker_path, recorded_runs, this_process
 from dskd.tracking.replay import replay, replay_buffers, send
@@ -393,7 +393,7 @@ class Tracker:
     def log_recipe(self, recipe: Recipe) -> None:
         if not self.active:
             return
-        recipe = shareable(recipe)
+        recipe = recipe.shareable()
         self._write_items("params", [[k[:250], v[:6000]] for k, v in recipe_params(recipe).items()])
         self.log_text(to_yaml(recipe), "recipe.yaml")
 
