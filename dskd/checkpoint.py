@@ -115,6 +115,36 @@ def latest(root: Path) -> str | None:
     return tag if (Path(root) / tag).is_dir() else None
 
 
+KEY_FILE = "stage_key"  # beside the checkpoints: the stage key of the recipe that wrote them
+
+
+def resumable(root: Path, key: str, *, is_main: bool) -> str | None:
+    """The latest checkpoint under `root` if the recipe with stage key `key` wrote it. Checkpoints of another
+    recipe (a changed step budget, learning rate, data...) are moved aside to `<root>.stale-<their key>`, never
+    resumed: their optimizer state, schedule and data order belong to that recipe. Checkpoints without a key file
+    (written before it existed) are resumed. The caller then claims `root` for `key` (`claim`)."""
+    root = Path(root)
+    tag = latest(root)
+    marker = root / KEY_FILE
+    written_by = marker.read_text().strip() if marker.is_file() else None
+    if tag is None or written_by in (None, key):
+        return tag
+    if is_main:
+        stale = root.with_name(f"{root.name}.stale-{written_by}")
+        shutil.rmtree(stale, ignore_errors=True)
+        root.rename(stale)
+        print(f"[dskd] not resuming {root / tag}: it was written by another recipe (stage key {written_by}, this "
+              f"run's {key}); moved to {stale}, starting from step 0")
+    return None
+
+
+def claim(root: Path, key: str, *, is_main: bool) -> None:
+    """Mark `root` as holding the checkpoints of the recipe with stage key `key` (`resumable`)."""
+    if is_main:
+        Path(root).mkdir(parents=True, exist_ok=True)
+        atomic_write_text(Path(root) / KEY_FILE, key)
+
+
 def load(engine, root: Path, tag: str) -> dict:
     """Restore the engine and the RNGs from checkpoint `tag`; every file read with `safe_torch_load`."""
     if not isinstance(engine.checkpoint_engine, _SafeLoading):

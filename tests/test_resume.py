@@ -137,3 +137,21 @@ def test_usr1_during_generation_exits_75_and_rerun_completes_without_loss_or_dup
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     resumed = store.load()
     assert resumed["id"] == reference["id"] and resumed["pt_ids"] == reference["pt_ids"]
+
+
+def test_checkpoints_of_another_recipe_are_moved_aside_not_resumed(tmp_path, capsys):
+    """A study cell killed at step 128 of 300 and rerun with study.steps=200 resumed the 300-step run's optimizer and
+    schedule: checkpoints carry the stage key of the recipe that wrote them, and another key's are never resumed."""
+    root = tmp_path / "checkpoints"
+    (root / "step00000128").mkdir(parents=True)
+    (root / checkpoint.LATEST).write_text("step00000128")
+    assert checkpoint.resumable(root, "key300", is_main=True) == "step00000128"  # no key file: written before keys
+    checkpoint.claim(root, "key300", is_main=True)
+    assert checkpoint.resumable(root, "key300", is_main=True) == "step00000128"  # the same recipe resumes
+    assert checkpoint.resumable(root, "key200", is_main=False) is None  # other ranks decide alike, move nothing
+    assert root.is_dir()
+    assert checkpoint.resumable(root, "key200", is_main=True) is None
+    assert not root.exists() and (tmp_path / "checkpoints.stale-key300" / "step00000128").is_dir()
+    assert "written by another recipe (stage key key300, this run's key200)" in capsys.readouterr().out
+    checkpoint.claim(root, "key200", is_main=True)
+    assert checkpoint.latest(root) is None and (root / checkpoint.KEY_FILE).read_text() == "key200"

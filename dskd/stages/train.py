@@ -251,7 +251,10 @@ class TrainingStage:
 
     def resume(self, requested: bool) -> TrainState:
         ckpt_dir = self.out_dir / "checkpoints"
-        if requested and (tag := checkpoint.latest(ckpt_dir)):
+        tag = checkpoint.resumable(ckpt_dir, self.key, is_main=self.dist.is_main)  # another recipe's: moved aside
+        tag = tag if requested else None
+        checkpoint.claim(ckpt_dir, self.key, is_main=self.dist.is_main)
+        if tag:
             state = TrainState.from_client_state(checkpoint.load(self.engine, ckpt_dir, tag))
             if self.dist.is_main:
                 print(f"[dskd] {self.stage}: resumed from {ckpt_dir / tag} at step {state.step}")
