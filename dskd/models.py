@@ -232,6 +232,15 @@ def _find_layers(model: nn.Module, side: str) -> tuple[nn.Module, str, nn.Module
     raise ConfigError(f"cannot find the {side} layer stack of {type(model).__name__} for pruning")
 
 
+def cast_parameters(model: PreTrainedModel, dtype: torch.dtype) -> PreTrainedModel:
+    """The weights in `dtype`, buffers untouched: `model.to(dtype)` would also round the fp32 buffers a model
+    computes for itself (Llama's RoPE inv_freq), which from_pretrained(dtype=...) leaves in fp32, so the trained
+    model and its reload would disagree (the export check caught a pruned bf16 student generating differently)."""
+    for parameter in model.parameters():
+        parameter.data = parameter.data.to(dtype)
+    return model
+
+
 def prune_layers(teacher: PreTrainedModel, prune: PruneConfig) -> PreTrainedModel:
     """A student that keeps the listed teacher layers (weights copied), the rest of the model intact."""
     student = copy.deepcopy(teacher)

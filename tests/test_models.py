@@ -133,3 +133,23 @@ def test_pretrained_load_refuses_shape_changing_overrides(tiny_tokenizer, tmp_pa
         load_model(spec)
     reloaded = load_model(ModelConfig(path=str(tmp_path)))
     torch.testing.assert_close(reloaded.lm_head.weight, model.lm_head.weight)
+
+
+def test_a_pruned_bf16_student_computes_what_its_reload_computes(tiny_tokenizer, tmp_path):
+    """Casting the pruned student with model.to(bf16) also rounded Llama's fp32 RoPE frequencies (a buffer), which
+    a reload with from_pretrained(dtype=bf16) recomputes in fp32: the trained student and its export disagreed (a
+    study cell's export check failed). cast_parameters casts the weights only."""
+    from dskd.models import cast_parameters
+
+    teacher = load_model(ModelConfig(init="config", model_type="llama", dtype="bf16", attn_implementation="eager",
+                                     config={**tiny_config_kwargs("llama", len(tiny_tokenizer), 3),
+                                             "tie_word_embeddings": True}))
+    student = cast_parameters(prune_layers(teacher, PruneConfig(decoder_layers=[0])), torch.bfloat16).eval()
+    assert student.model.rotary_emb.inv_freq.dtype == torch.float32
+    assert {p.dtype for p in student.parameters()} == {torch.bfloat16}
+    assert student.lm_head.weight is student.model.embed_tokens.weight  # still tied
+    student.save_pretrained(tmp_path)
+    reloaded = load_model(ModelConfig(path=str(tmp_path), dtype="bf16", attn_implementation="eager")).eval()
+    ids = torch.arange(4, 40).reshape(2, 18)
+    with torch.no_grad():
+        torch.testing.assert_close(student(input_ids=ids).logits, reloaded(input_ids=ids).logits, rtol=0, atol=0)

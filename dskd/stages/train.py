@@ -41,6 +41,7 @@ from dskd.layout import Stage, pt_store_dir, read_done, stage_dir, stage_key, te
 from dskd.models import (
     DTYPES,
     build_model,
+    cast_parameters,
     check_model_source,
     check_vocab_rows,
     detect_arch,
@@ -191,7 +192,8 @@ class TrainingStage:
                 check_model_source(t_spec, "teacher")  # before the student is built; the teacher maybe never is
             if recipe.student.init == "prune":
                 teacher = self._build_teacher()
-                self.student_hf = prune_layers(teacher, recipe.student.prune).to(DTYPES[recipe.student.dtype])
+                self.student_hf = cast_parameters(prune_layers(teacher, recipe.student.prune),
+                                                  DTYPES[recipe.student.dtype])
                 self.load_teacher = (lambda: teacher) if needs_teacher else None
             else:
                 self.student_hf = build_model(recipe.student, tokenizer)  # the student's own tokenizer
