@@ -15,8 +15,10 @@ quality_throughput.png. Every score is named by the examples it was computed on 
   no finished seed shows its failures only.
 - Paired comparisons: the reference variant (study.reference, Joint-Teaching by default) against every other,
   per split, on per-example ROUGE-L averaged over each variant's finished seeds (`dskd.stats.paired_comparison`).
+- More pairs, each its own paired test: every ordering of the paper's present in the grid and every
+  study.comparisons pair (a side may be "teacher": its per-example scores), e.g. the teacher's margin over CE.
 - Orderings: the paper's Joint-Teaching > logits KD + PTs > logits KD > fine-tuning, each pair checked on dev
-  mean ROUGE-L and stated as held or not (with the paired p-value where the reference is involved).
+  mean ROUGE-L and stated as held or not, with its paired p-value.
 """
 
 from __future__ import annotations
