@@ -133,7 +133,7 @@ def test_the_shipped_real_teacher_studies_name_the_packaged_models():
     smol = load_recipe(config_path("study_smollm2"))
     assert smol.teacher.path == str(smollm2_gguf()) and smol.student.init == "prune"
     cells = study_cells(smol)
-    assert len(cells) == 15 and {c.variant for c in cells} == {"finetune", "logits_kd", "seq_kd", "kd_pts_all",
+    assert len(cells) == 12 and {c.variant for c in cells} == {"finetune", "logits_kd", "kd_pts_all",
                                                                "joint_teaching"}
     cross = load_recipe(config_path("study_cross_tokenizer"))
     assert cross.teacher.path == str(gemma3_gguf())
