@@ -2,7 +2,8 @@
 
     <run.output_dir>/
       shared/                     the base recipe with run.output_dir here: teacher/, pts/, data/ (one teacher and
-                                  one PT store serve every cell), teacher_cache/ (its top-k, study.teacher_cache),
+                                  one PT store serve every cell), teacher_cache/ (its top-k, study.teacher_cache;
+                                  teacher_cache-<key>/ per other student tokenizer),
                                   teacher_eval.json
       cells/<variant>-seed<S>/    a cell's run.output_dir: students/<variant>-seed<S>/ (model, checkpoints,
                                   DONE.json), cell.json (its evaluation, or its failure)
@@ -104,7 +105,7 @@ def cell_recipe(recipe: Recipe, variant: str, seed: int) -> Recipe:
         fixed.update({"teacher.init": "pretrained", "teacher.path": str(shared_teacher_dir(recipe)),
                       "teacher.finetune": False})
     if recipe.study.teacher_cache and "teacher.signal" not in overrides and _cacheable(data):
-        fixed.update({"teacher.signal": "cached", "teacher.cache_dir": str(shared_teacher_cache_dir(recipe))})
+        fixed.update({"teacher.signal": "cached", "teacher.cache_dir": str(shared_teacher_cache_dir(recipe, data))})
     for key, value in fixed.items():
         set_dotted(data, key.split("."), value)
     try:
@@ -114,8 +115,14 @@ def cell_recipe(recipe: Recipe, variant: str, seed: int) -> Recipe:
                                                                         "base recipe")) from None
 
 
-def shared_teacher_cache_dir(recipe: Recipe) -> Path:
-    return study_root(recipe) / "shared" / "teacher_cache"
+def shared_teacher_cache_dir(recipe: Recipe, cell: dict | None = None) -> Path:
+    """The cache every cached cell shares; cells whose student reads another tokenizer (a variant's
+    student.tokenizer, or a pretrained student's own) carry the teacher onto other tokens, a signal of its own:
+    one directory per student tokenizer (a cache holds one signal and refuses another)."""
+    root = study_root(recipe) / "shared" / "teacher_cache"
+    student = (cell or {}).get("student") or {}
+    tokenizer = student.get("tokenizer") or (student.get("path") if student.get("init") == "pretrained" else None)
+    return root if tokenizer is None else root.with_name(f"teacher_cache-{content_key([tokenizer])}")
 
 
 def _cacheable(data: dict) -> bool:

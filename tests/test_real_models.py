@@ -142,4 +142,7 @@ def test_the_shipped_real_teacher_studies_name_the_packaged_models():
     assert by_variant["ce_cross_tokenizer"].student.tokenizer == str(smollm2_gguf())
     assert by_variant["kd_same_tokenizer"].student.tokenizer is None
     assert {r.teacher.signal for name, r in by_variant.items() if name.startswith("kd")} == {"cached"}
+    # a cache holds one signal: the carried one (SmolLM2's tokens) lives beside the same-tokenizer one
+    same, cross = (by_variant[f"kd_{side}_tokenizer"].teacher.cache_dir for side in ("same", "cross"))
+    assert same.endswith("shared/teacher_cache") and cross != same and "teacher_cache-" in cross
     assert {r.distill.loss for name, r in by_variant.items()} == {"ce", "kd"}
