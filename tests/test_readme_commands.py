@@ -40,6 +40,10 @@ SKIPPED = {
     "python -m pytest -q tests": "the test suite itself",
     "dskd study            # the paper's comparison: 8 variants x 3 seeds on the embedded task (64 min on 2 cores)":
         "the full study (about an hour on 2 cores); `dskd study --quick` runs here",
+    "dskd study --config study_smollm2                   # SmolLM2-135M-Instruct, fine-tuned, into a 4.2x smaller "
+    "pruned student": "a real-teacher study (about an hour on 2 cores); its --list-cells line runs here",
+    "dskd study --config study_cross_tokenizer           # Gemma-3-270M into a Gemma- and a SmolLM2-tokenizer student":
+        "a real-teacher study (about an hour on 2 cores)",
 }
 COMMAND_TIMEOUT_S = 600
 SERVER_TIMEOUT_S = 180
