@@ -304,9 +304,7 @@ def _comparison_tables(results: dict) -> list[str]:
                   "bootstrap interval; two-sided p from a paired sign-flip permutation test.", "",
                   "| vs | reference | other | difference | 95% CI | p | examples better / worse |",
                   "|---|---|---|---|---|---|---|"]
-        for name, c in comparisons.items():
-            lines.append(f"| {name} | {c['mean_a']:.2f} | {c['mean_b']:.2f} | {c['difference']:+.2f} | "
-                         f"[{c['ci_low']:+.2f}, {c['ci_high']:+.2f}] | {c['p_value']:.3g} | {c['wins']} / {c['losses']} |")
+        lines += [_comparison_row(name, c) for name, c in comparisons.items()]
     return lines
 
 
@@ -319,10 +317,14 @@ def _pair_tables(results: dict) -> list[str]:
         lines += ["", f"## Paired comparisons ({name}, over its {size} examples: the paper's orderings and "
                       "study.comparisons)", "",
                   "| a vs b | a | b | difference | 95% CI | p | examples better / worse |", "|---|---|---|---|---|---|---|"]
-        for label, c in pairs.items():
-            lines.append(f"| {label} | {c['mean_a']:.2f} | {c['mean_b']:.2f} | {c['difference']:+.2f} | "
-                         f"[{c['ci_low']:+.2f}, {c['ci_high']:+.2f}] | {c['p_value']:.3g} | {c['wins']} / {c['losses']} |")
+        lines += [_comparison_row(label, c) for label, c in pairs.items()]
     return lines
+
+
+def _comparison_row(label: str, c: dict) -> str:
+    """One paired comparison as a table row: means, difference, its interval, p, examples better / worse."""
+    return (f"| {label} | {c['mean_a']:.2f} | {c['mean_b']:.2f} | {c['difference']:+.2f} | "
+            f"[{c['ci_low']:+.2f}, {c['ci_high']:+.2f}] | {c['p_value']:.3g} | {c['wins']} / {c['losses']} |")
 
 
 def _ordering_lines(results: dict) -> list[str]:
